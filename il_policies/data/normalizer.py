@@ -1,0 +1,131 @@
+"""Per-key normalization whose statistics live in the policy's state_dict.
+
+A checkpoint therefore carries everything needed to turn network outputs back into robot units.
+Every key is normalized as `(x - center) / scale`; the modes only differ in how center and scale
+are fitted:
+
+- `gaussian`: center = mean, scale = std (z-score; "in standard deviations").
+- `minmax`: center = (max + min) / 2, scale = (max - min) / 2, i.e. onto [-1, 1].
+- `identity`: center 0, scale 1.
+
+Low-dim keys get one statistic per dimension. Images (already float CHW in [0, 1] when they reach
+the normalizer) get one statistic per channel, or per pixel with `per_pixel=True`, as the BVAE
+original uses. A dimension whose scale is (nearly) zero keeps scale 1, so a constant input maps to 0
+instead of dividing by zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch import nn
+
+MODES = ("gaussian", "minmax", "identity")
+_MIN_SCALE = 1e-6
+_FIT_CHUNK = 1024
+
+
+def _buffer_name(key: str) -> str:
+    # nn.Module buffer names may not contain dots.
+    return key.replace(".", "__")
+
+
+class _KeyStats(nn.Module):
+    def __init__(self, stats_shape: tuple[int, ...]):
+        super().__init__()
+        self.register_buffer("center", torch.zeros(stats_shape))
+        self.register_buffer("scale", torch.ones(stats_shape))
+
+
+class Normalizer(nn.Module):
+    """Normalizes the keys of `shape_meta` (`{"obs": {key: {"shape", "kind"}}, "action": {"shape"}}`).
+
+    `modes` maps a key, or a kind (`low_dim`, `rgb`, `action`), to a mode; the key wins.
+    """
+
+    def __init__(
+        self,
+        shape_meta: Mapping,
+        modes: Mapping[str, str] | None = None,
+        per_pixel: bool = False,
+    ):
+        super().__init__()
+        modes = dict(modes or {})
+        self.per_pixel = per_pixel
+        self.modes: dict[str, str] = {}
+        self.stats = nn.ModuleDict()
+        entries = [(key, meta["kind"], tuple(meta["shape"])) for key, meta in shape_meta["obs"].items()]
+        entries.append(("action", "action", tuple(shape_meta["action"]["shape"])))
+        default = {"low_dim": "gaussian", "rgb": "gaussian", "action": "gaussian"}
+        for key, kind, shape in entries:
+            mode = modes.get(key, modes.get(kind, default[kind]))
+            if mode not in MODES:
+                raise ValueError(f"normalization mode {mode!r} for key {key!r} is not one of {MODES}")
+            self.modes[key] = mode
+            if kind == "rgb" and not per_pixel:
+                stats_shape = (shape[0], 1, 1)
+            else:
+                stats_shape = shape
+            self.stats[_buffer_name(key)] = _KeyStats(stats_shape)
+        self.register_buffer("fitted", torch.tensor(False))
+        self._kinds = {key: kind for key, kind, _ in entries}
+
+    @torch.no_grad()
+    def fit(self, data: Mapping[str, np.ndarray], action_key: str = "action") -> None:
+        """Fit from raw arrays (N, *step_shape); images as stored: uint8 (N, H, W, C)."""
+        for key, kind in self._kinds.items():
+            source_key = action_key if key == "action" else key
+            if source_key not in data:
+                raise KeyError(f"cannot fit the normalizer: no data for key {source_key!r}")
+            stats = self.stats[_buffer_name(key)]
+            center, scale = _fit_stats(np.asarray(data[source_key]), kind, self.modes[key], self.per_pixel)
+            stats.center.copy_(torch.as_tensor(center, dtype=torch.float32).reshape(stats.center.shape))
+            stats.scale.copy_(torch.as_tensor(scale, dtype=torch.float32).reshape(stats.scale.shape))
+        self.fitted.fill_(True)
+
+    def normalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        stats = self.stats[_buffer_name(key)]
+        return (x - stats.center) / stats.scale
+
+    def unnormalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        stats = self.stats[_buffer_name(key)]
+        return x * stats.scale + stats.center
+
+    def normalize_obs(self, obs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: self.normalize(key, value) for key, value in obs.items()}
+
+
+def _fit_stats(x: np.ndarray, kind: str, mode: str, per_pixel: bool) -> tuple[np.ndarray, np.ndarray]:
+    # Accumulated in chunks: a float64 copy of a whole image dataset would not fit in memory.
+    # Moments are taken around the first chunk's mean to avoid cancellation in E[x^2] - E[x]^2.
+    count, total, total_sq, low, high, shift = 0, 0.0, 0.0, None, None, None
+    for start in range(0, len(x), _FIT_CHUNK):
+        chunk = x[start : start + _FIT_CHUNK]
+        if kind == "rgb":
+            # Stored HWC uint8; the networks see CHW in [0, 1].
+            pattern = "n h w c -> n c h w" if per_pixel else "n h w c -> (n h w) c"
+            chunk = rearrange(chunk, pattern).astype(np.float64) / 255.0
+        else:
+            chunk = chunk.astype(np.float64)
+        if shift is None:
+            shift = chunk.mean(axis=0)
+        count += len(chunk)
+        total = total + (chunk - shift).sum(axis=0)
+        total_sq = total_sq + np.square(chunk - shift).sum(axis=0)
+        low = chunk.min(axis=0) if low is None else np.minimum(low, chunk.min(axis=0))
+        high = chunk.max(axis=0) if high is None else np.maximum(high, chunk.max(axis=0))
+    if count == 0:
+        raise ValueError("cannot fit the normalizer on an empty dataset")
+    if mode == "identity":
+        center, scale = np.zeros_like(low), np.ones_like(low)
+    elif mode == "gaussian":
+        mean_shifted = total / count
+        center = shift + mean_shifted
+        scale = np.sqrt(np.maximum(total_sq / count - np.square(mean_shifted), 0.0))
+    else:
+        center, scale = (high + low) / 2.0, (high - low) / 2.0
+    scale = np.where(scale < _MIN_SCALE, 1.0, scale)
+    return center, scale

@@ -1,0 +1,289 @@
+"""The one training loop, shared by every policy.
+
+    dataset -> policy (normalizer fitted on the training split) -> AdamW + LR schedule (+ EMA)
+    -> steps of (batch, loss, backward, clip, step) -> validation each epoch -> checkpoints
+
+Resumes automatically from `<output_dir>/checkpoints/latest.pt`: model, optimizer, LR schedule,
+EMA, RNG states and step are restored and the batch order continues where it stopped, so an
+interrupted run ends with the same parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from il_policies.checkpoint import read_checkpoint, save_checkpoint
+from il_policies.data.dataset import SequenceDataset, collate_batch, prepare_batch
+from il_policies.policies import make_policy
+from il_policies.policies.registry import config_to_dict
+from il_policies.training.distributed import DistributedContext, GlobalBatchOrder
+from il_policies.training.logger import RunLogger
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def resolve_device(name: str, ctx: DistributedContext) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", ctx.local_rank)
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Workspace:
+    def __init__(self, cfg: DictConfig, output_dir: str | Path):
+        self.cfg = cfg
+        self.output_dir = Path(output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.ctx = DistributedContext.from_env()
+        self.device = resolve_device(cfg.device, self.ctx)
+        self.step = 0
+        self.best_val_loss = math.inf
+
+    # ---- setup --------------------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg = self.cfg
+        if cfg.training.num_threads:
+            torch.set_num_threads(int(cfg.training.num_threads))
+        seed_everything(cfg.seed)
+        self.dataset = SequenceDataset.from_store(
+            cfg.task.dataset_path,
+            n_obs_steps=cfg.policy.n_obs_steps,
+            horizon=cfg.policy.horizon,
+            val_ratio=cfg.data.val_ratio,
+            seed=cfg.seed,
+            max_train_episodes=cfg.data.max_train_episodes,
+        )
+        self.val_dataset = self.dataset.get_validation_dataset()
+        self.policy = make_policy(cfg.policy, self.dataset.shape_meta)
+        fit_data = self.dataset.fit_data()
+        self.policy.normalizer.fit(fit_data, action_key=self.dataset.action_key)
+        actions = fit_data[self.dataset.action_key]
+        self.task_meta = {
+            "name": cfg.task.name,
+            "dataset_path": str(cfg.task.dataset_path),
+            "action_low": actions.min(axis=0).tolist(),
+            "action_high": actions.max(axis=0).tolist(),
+        }
+        self.policy.to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.policy.optim_groups(),
+            lr=self.policy.config.lr,
+            weight_decay=self.policy.config.weight_decay,
+            fused=True,  # one kernel for all parameters, on CPU and GPU alike
+        )
+        self.lr_scheduler = get_scheduler(
+            cfg.training.lr_scheduler,
+            optimizer=self.optimizer,
+            num_warmup_steps=cfg.training.lr_warmup_steps,
+            num_training_steps=cfg.training.steps,
+        )
+        self.ema = None
+        if cfg.training.ema.enabled:
+            self.ema = EMAModel(
+                self.policy.parameters(), decay=cfg.training.ema.decay, power=cfg.training.ema.power, use_ema_warmup=True
+            )
+        self.batch_order = GlobalBatchOrder(len(self.dataset), cfg.training.batch_size, cfg.seed, self.ctx)
+        self.model = self.policy
+        if self.ctx.enabled:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.policy, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def _inference_state(self) -> dict[str, torch.Tensor]:
+        if self.ema is None:
+            return copy.deepcopy(self.policy.state_dict())
+        self.ema.store(self.policy.parameters())
+        self.ema.copy_to(self.policy.parameters())
+        state = copy.deepcopy(self.policy.state_dict())
+        self.ema.restore(self.policy.parameters())
+        return state
+
+    def save(self, name: str, metrics: Mapping[str, float] | None = None) -> Path | None:
+        if not self.ctx.is_main:
+            return None
+        payload = {
+            "policy_name": self.policy.name,
+            "policy_config": config_to_dict(self.policy.config),
+            "shape_meta": self.dataset.shape_meta,
+            "task_meta": self.task_meta,
+            "policy_state": self._inference_state(),
+            "step": self.step,
+            "metrics": dict(metrics or {}),
+            "config_yaml": OmegaConf.to_yaml(self.cfg),
+            "train_state": {
+                "model": self.policy.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "best_val_loss": self.best_val_loss,
+                "rng": {
+                    "python": list(random.getstate()[1]),
+                    "python_version": random.getstate()[0],
+                    "python_gauss": random.getstate()[2],
+                    "numpy": _numpy_rng_state(),
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                },
+                "logger_run_id": self.logger.run_id,
+            },
+        }
+        return save_checkpoint(self.checkpoint_dir / f"{name}.pt", payload)
+
+    def _resume(self) -> bool:
+        path = self.checkpoint_dir / "latest.pt"
+        if not (self.cfg.training.resume and path.is_file()):
+            return False
+        payload = read_checkpoint(path, map_location=self.device)
+        state = payload["train_state"]
+        self.policy.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.best_val_loss = state["best_val_loss"]
+        rng = state["rng"]
+        random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
+        np.random.set_state(_numpy_state_from(rng["numpy"]))
+        torch.set_rng_state(rng["torch"].cpu())
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        self.step = int(payload["step"])
+        self.resumed_run_id = state.get("logger_run_id")
+        return True
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def _batches(self):
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=self.batch_order.iter_from(self.step),
+            collate_fn=collate_batch,
+            num_workers=self.cfg.data.num_workers,
+            # Its own generator: creating the loader must not consume the global RNG, or resuming
+            # (which creates it mid-run) would shift every later dropout mask.
+            generator=torch.Generator().manual_seed(self.cfg.seed + self.step),
+        )
+        for batch in loader:
+            yield prepare_batch(batch, self.dataset.shape_meta, self.device)
+
+    def _train_step(self, batch) -> dict[str, float]:
+        self.model.train()
+        loss, metrics = self.model(batch)
+        if not self.ctx.all_true(bool(torch.isfinite(loss))):
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at step {self.step}; stopped, keeping the last good checkpoint in {self.checkpoint_dir}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.training.grad_clip)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.step(self.policy.parameters())
+        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": self.lr_scheduler.get_last_lr()[0], **metrics}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        if len(self.val_dataset) == 0:
+            return {}
+        if self.ema is not None:
+            self.ema.store(self.policy.parameters())
+            self.ema.copy_to(self.policy.parameters())
+        self.policy.eval()
+        totals: dict[str, float] = {}
+        count = 0
+        batch_size = self.cfg.training.batch_size
+        for start in range(0, len(self.val_dataset), batch_size):
+            indices = list(range(start, min(start + batch_size, len(self.val_dataset))))
+            batch = prepare_batch(collate_batch(self.val_dataset.__getitems__(indices)), self.dataset.shape_meta, self.device)
+            loss, metrics = self.policy.compute_loss(batch)
+            for key, value in {"loss": loss.item(), **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + value * len(indices)
+            count += len(indices)
+        if self.ema is not None:
+            self.ema.restore(self.policy.parameters())
+        return {f"val/{key}": value / count for key, value in totals.items()}
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.ctx.init(self.device)
+        self.logger = RunLogger(cfg, self.output_dir, enabled=self.ctx.is_main)
+        try:
+            self._build()
+            if self._resume():
+                self.logger.message(f"resumed from {self.checkpoint_dir / 'latest.pt'} at step {self.step}")
+            self.logger.start(getattr(self, "resumed_run_id", None))
+            return self._train()
+        finally:
+            self.logger.finish()
+            self.ctx.shutdown()
+
+    def _train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        total = cfg.training.steps
+        summary: dict[str, Any] = {}
+        progress = tqdm(total=total, initial=self.step, disable=not self.ctx.is_main, desc=f"train {self.policy.name}")
+        batches = self._batches()
+        try:
+            while self.step < total:
+                metrics = self._train_step(next(batches))
+                self.step += 1
+                progress.update(1)
+                if self.step % cfg.training.log_every == 0 or self.step == total:
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+                    self.logger.log({f"train/{k}": v for k, v in metrics.items()}, self.step)
+                if self.step % cfg.training.val_every == 0 or self.step == total:
+                    summary = self._end_of_epoch(metrics)
+                elif self.step % cfg.training.checkpoint_every == 0:
+                    self.save("latest")
+        except KeyboardInterrupt:
+            # The step in flight either finished or never touched the parameters: save and stop.
+            self.save("latest")
+            self.logger.message(f"interrupted at step {self.step}; saved {self.checkpoint_dir / 'latest.pt'}")
+            raise
+        finally:
+            progress.close()
+        self.ctx.barrier()
+        return {"step": self.step, **summary}
+
+    def _end_of_epoch(self, train_metrics: Mapping[str, float]) -> dict[str, float]:
+        val = {key: self.ctx.mean(value) for key, value in self.validate().items()}
+        self.logger.log({**val, "epoch": self.batch_order.epoch_of(self.step - 1)}, self.step)
+        metrics = {f"train/{k}": v for k, v in train_metrics.items()} | val
+        val_loss = val.get("val/loss", train_metrics["loss"])
+        if val_loss < self.best_val_loss:
+            self.best_val_loss = val_loss
+            self.save("best", metrics)
+        self.save("latest", metrics)
+        return metrics
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached}
+
+
+def _numpy_state_from(state: Mapping[str, Any]):
+    return (state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["cached"])

@@ -1,0 +1,109 @@
+"""Properties every registered policy must have, checked over the whole registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from il_policies import available_policies, load_policy, make_policy
+from il_policies.checkpoint import CheckpointError
+from il_policies.data.dataset import SequenceDataset, collate_batch, prepare_batch
+from il_policies.training import Workspace
+from tests.conftest import make_cfg
+
+POLICIES = available_policies()
+# Small shapes so the whole registry trains in seconds; each policy may need its own small options.
+SMALL = {
+    "bc": ["policy.hidden_dims=[32,32]", "policy.conv_channels=[8,16]", "policy.image_feature_dim=16"],
+}
+
+
+def small_overrides(name: str) -> list[str]:
+    return [f"policy={name}", *SMALL.get(name, [])]
+
+
+def test_registry_lists_bc():
+    assert "bc" in POLICIES
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("store_fixture", ["linear_store", "image_store"])
+def test_train_save_load_identical_actions(name, store_fixture, request, tmp_path):
+    store = request.getfixturevalue(store_fixture)
+    cfg = make_cfg([*small_overrides(name), f"task.dataset_path={store}", "training.steps=3", "training.batch_size=8"])
+    workspace = Workspace(cfg, tmp_path)
+    summary = workspace.run()
+    assert summary["step"] == 3
+    checkpoint = tmp_path / "checkpoints" / "latest.pt"
+    assert checkpoint.is_file() and (tmp_path / "checkpoints" / "best.pt").is_file()
+
+    loaded = load_policy(checkpoint)
+    assert loaded.name == name and not loaded.training
+    trained = workspace.policy.eval()
+    dataset = workspace.dataset
+    batch = prepare_batch(collate_batch(dataset.__getitems__([0, 5, 9])), dataset.shape_meta, "cpu")
+    torch.testing.assert_close(loaded.predict_action_chunk(batch["obs"]), trained.predict_action_chunk(batch["obs"]), rtol=0, atol=0)
+
+    # select_action through the queue gives the same first action, from raw (uint8 HWC) observations.
+    raw = dataset[0]["obs"]
+    step_obs = {key: torch.as_tensor(value[-1])[None] for key, value in raw.items()}
+    loaded.reset()
+    trained.reset()
+    torch.testing.assert_close(loaded.select_action(step_obs), trained.select_action(step_obs), rtol=0, atol=0)
+    assert loaded.select_action(step_obs).shape == (1, dataset.shape_meta["action"]["shape"][0])
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_loss_is_finite_and_backpropagates(name, image_store):
+    dataset = SequenceDataset.from_store(image_store, n_obs_steps=2, horizon=4)
+    cfg = make_cfg([*small_overrides(name), "policy.n_obs_steps=2", "policy.horizon=4", "policy.n_action_steps=2"])
+    policy = make_policy(cfg.policy, dataset.shape_meta)
+    policy.normalizer.fit(dataset.fit_data(), action_key=dataset.action_key)
+    batch = prepare_batch(collate_batch(dataset.__getitems__(list(range(6)))), dataset.shape_meta, "cpu")
+    loss, metrics = policy.compute_loss(batch)
+    assert torch.isfinite(loss) and metrics
+    loss.backward()
+    with_grad = [p for p in policy.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert len(with_grad) == len([p for p in policy.parameters() if p.requires_grad])
+    policy.eval()
+    chunk = policy.predict_action_chunk(batch["obs"])
+    assert chunk.shape == (6, 4, 3)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_action_queue_runs_network_every_n_action_steps(name, linear_store):
+    dataset = SequenceDataset.from_store(linear_store, n_obs_steps=1, horizon=4)
+    cfg = make_cfg([*small_overrides(name), "policy.horizon=4", "policy.n_action_steps=3"])
+    policy = make_policy(cfg.policy, dataset.shape_meta).eval()
+    policy.normalizer.fit(dataset.fit_data(), action_key=dataset.action_key)
+    calls = []
+    original = policy.predict_action_chunk
+    policy.predict_action_chunk = lambda obs: calls.append(1) or original(obs)
+    obs = {"state": torch.zeros(2, 5)}
+    actions = [policy.select_action(obs) for _ in range(7)]
+    assert len(calls) == 3  # steps 0, 3, 6
+    chunk = original({"state": torch.zeros(2, 1, 5)})
+    torch.testing.assert_close(torch.stack(actions[:3], dim=1), chunk[:, :3])
+    policy.reset()
+    policy.select_action(obs)
+    assert len(calls) == 4
+
+
+def test_unknown_policy_and_option_are_refused():
+    meta = {"obs": {"state": {"shape": (5,), "kind": "low_dim"}}, "action": {"shape": (3,)}}
+    with pytest.raises(ValueError, match="unknown policy 'nope'.*bc"):
+        make_policy({"name": "nope"}, meta)
+    with pytest.raises(ValueError, match="no option.*'colour'"):
+        make_policy({"name": "bc", "colour": 3}, meta)
+
+
+def test_load_policy_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+    bogus = tmp_path / "model.pt"
+    torch.save({"weights": torch.zeros(3)}, bogus)
+    with pytest.raises(CheckpointError, match="not an il_policies checkpoint"):
+        load_policy(bogus)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_policy(tmp_path / "missing.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="could not be read"):
+        load_policy(tmp_path / "garbage.pt")

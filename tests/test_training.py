@@ -1,0 +1,131 @@
+"""The Workspace: overfitting, exact resume, NaN handling, data parallelism, the train.py entry point."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from il_policies import load_policy
+from il_policies.checkpoint import read_checkpoint
+from il_policies.training import NonFiniteLossError, Workspace
+from il_policies.training.distributed import DistributedContext, GlobalBatchOrder
+from tests.conftest import REPO, make_cfg
+
+BC_SMALL = ["policy=bc", "policy.hidden_dims=[64,64]"]
+
+
+def test_bc_overfits_a_small_store(linear_store, tmp_path):
+    # action = state @ W exactly, so a small MLP must get far below the 1.0 of predicting the mean.
+    cfg = make_cfg([*BC_SMALL, f"task.dataset_path={linear_store}", "training.steps=600", "training.batch_size=32", "data.val_ratio=0"])
+    summary = Workspace(cfg, tmp_path).run()
+    assert summary["train/loss"] < 0.02, summary
+
+
+def _params(policy) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in policy.state_dict().items()}
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_interrupted_run_resumes_to_identical_parameters(linear_store, tmp_path, monkeypatch, ema):
+    overrides = [
+        *BC_SMALL, "policy.dropout=0.1",  # dropout: the RNG state must be restored too
+        f"task.dataset_path={linear_store}", "training.steps=40", "training.batch_size=16",
+        f"training.ema.enabled={ema}", "training.lr_warmup_steps=5",
+    ]
+    straight = Workspace(make_cfg(overrides), tmp_path / "straight")
+    straight.run()
+
+    interrupted_dir = tmp_path / "interrupted"
+    original_step = Workspace._train_step
+
+    def interrupt_at_20(self, batch):
+        if self.step == 20:
+            raise KeyboardInterrupt
+        return original_step(self, batch)
+
+    monkeypatch.setattr(Workspace, "_train_step", interrupt_at_20)
+    with pytest.raises(KeyboardInterrupt):
+        Workspace(make_cfg(overrides), interrupted_dir).run()
+    assert read_checkpoint(interrupted_dir / "checkpoints" / "latest.pt")["step"] == 20
+    monkeypatch.setattr(Workspace, "_train_step", original_step)
+    resumed = Workspace(make_cfg(overrides), interrupted_dir)
+    summary = resumed.run()
+    assert summary["step"] == 40
+    for key, value in _params(straight.policy).items():
+        torch.testing.assert_close(_params(resumed.policy)[key], value, rtol=0, atol=0, msg=key)
+    a, b = load_policy(tmp_path / "straight/checkpoints/latest.pt"), load_policy(interrupted_dir / "checkpoints/latest.pt")
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(linear_store, tmp_path, monkeypatch):
+    cfg = make_cfg([*BC_SMALL, f"task.dataset_path={linear_store}", "training.steps=30", "training.batch_size=16", "training.checkpoint_every=10"])
+    workspace = Workspace(cfg, tmp_path)
+    original_step = Workspace._train_step
+
+    def poison_at_15(self, batch):
+        if self.step == 15:
+            batch["action"] = batch["action"] * float("nan")
+        return original_step(self, batch)
+
+    monkeypatch.setattr(Workspace, "_train_step", poison_at_15)
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 15"):
+        workspace.run()
+    latest = read_checkpoint(tmp_path / "checkpoints" / "latest.pt")
+    assert latest["step"] <= 15
+    policy = load_policy(tmp_path / "checkpoints" / "latest.pt")
+    assert all(torch.isfinite(v).all() for v in policy.state_dict().values() if v.is_floating_point())
+
+
+def test_batch_order_is_the_same_for_any_world_size():
+    one = GlobalBatchOrder(100, 8, seed=3)
+    ranks = [GlobalBatchOrder(100, 4, seed=3, ctx=DistributedContext(rank=r, world_size=2)) for r in range(2)]
+    single = [b for _, b in zip(range(30), one.iter_from(0))]
+    split = [list(zip(range(30), r.iter_from(0))) for r in ranks]
+    for step in range(30):
+        assert split[0][step][1] + split[1][step][1] == single[step]
+    # resuming at step k continues the same sequence
+    assert [b for _, b in zip(range(10), one.iter_from(20))] == single[20:30]
+
+
+def test_two_process_training_matches_one_process_on_the_combined_batch(linear_store, tmp_path):
+    common = [*BC_SMALL, f"task.dataset_path={linear_store}", "training.steps=12", "data.val_ratio=0", "device=cpu", "logger.mode=disabled"]
+    single = Workspace(make_cfg([*common, "training.batch_size=16"]), tmp_path / "single")
+    single.run()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_endpoint=127.0.0.1:0",
+         "--rdzv_backend=c10d", str(REPO / "tests" / "ddp_worker.py"), str(tmp_path / "ddp"), *common, "training.batch_size=8"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "ddp" / "rank0.pt")
+    rank1 = torch.load(tmp_path / "ddp" / "rank1.pt")
+    for key, value in rank0.items():
+        torch.testing.assert_close(rank1[key], value, rtol=0, atol=0, msg=key)  # ranks identical
+        torch.testing.assert_close(value, single.policy.state_dict()[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert (tmp_path / "ddp" / "checkpoints" / "latest.pt").is_file()
+
+
+def test_train_py_runs_end_to_end_and_reports_bad_dataset(linear_store, tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    run = subprocess.run(
+        [sys.executable, "train.py", f"task.dataset_path={linear_store}", "training.steps=5", "training.batch_size=8",
+         "logger.mode=offline", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "step=5" in run.stdout
+    assert (tmp_path / "run" / "checkpoints" / "latest.pt").is_file()
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "wandb offline run directory missing"
+
+    bad = subprocess.run(
+        [sys.executable, "train.py", f"task.dataset_path={tmp_path / 'nowhere.zarr'}", f"hydra.run.dir={tmp_path / 'bad'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: ") and "nowhere.zarr" in bad.stderr
