@@ -51,5 +51,7 @@ def image_store(tmp_path_factory) -> Path:
 
 
 def make_cfg(overrides: list[str]):
+    """The train.py config with `overrides`; on a plain fixture store (task=dataset) unless a task is named."""
+    task = [] if any(o.startswith("task=") for o in overrides) else ["task=dataset"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=["logger.mode=disabled", "device=cpu", *overrides])
+        return compose(config_name="config", overrides=["logger.mode=disabled", "device=cpu", *task, *overrides])

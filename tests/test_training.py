@@ -114,7 +114,7 @@ def test_two_process_training_matches_one_process_on_the_combined_batch(linear_s
 def test_train_py_runs_end_to_end_and_reports_bad_dataset(linear_store, tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled"}
     run = subprocess.run(
-        [sys.executable, "train.py", f"task.dataset_path={linear_store}", "training.steps=5", "training.batch_size=8",
+        [sys.executable, "train.py", "task=dataset", f"task.dataset_path={linear_store}", "training.steps=5", "training.batch_size=8",
          "logger.mode=offline", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -124,7 +124,7 @@ def test_train_py_runs_end_to_end_and_reports_bad_dataset(linear_store, tmp_path
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "wandb offline run directory missing"
 
     bad = subprocess.run(
-        [sys.executable, "train.py", f"task.dataset_path={tmp_path / 'nowhere.zarr'}", f"hydra.run.dir={tmp_path / 'bad'}"],
+        [sys.executable, "train.py", "task=dataset", f"task.dataset_path={tmp_path / 'nowhere.zarr'}", f"hydra.run.dir={tmp_path / 'bad'}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert bad.returncode == 1

@@ -164,6 +164,14 @@ class TrajectoryStore:
             raise err(f"creating it failed ({_exc_text(e)})") from None
         return cls(path, group, "a")
 
+    def update_provenance(self, extra: dict) -> None:
+        """Merge JSON-serialisable `extra` into the provenance attribute (append mode only)."""
+        if self.mode != "a" or self.schema_inferred:
+            raise self._err("cannot update the provenance of a store opened read-only or without a schema")
+        meta = dict(self._group.attrs[ATTR])
+        meta["provenance"] = self.provenance = {**self.provenance, **json.loads(json.dumps(extra))}
+        self._group.attrs[ATTR] = meta
+
     @classmethod
     def open(cls, path, mode: str = "r") -> "TrajectoryStore":
         """Open for reading ("r") or appending ("a"); runs the cheap (metadata-only) checks."""

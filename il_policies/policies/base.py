@@ -64,11 +64,17 @@ class Policy(nn.Module, abc.ABC):
         self.normalizer = Normalizer(shape_meta, config.normalization, per_pixel=config.image_norm_per_pixel)
         self._obs_history: deque[dict[str, torch.Tensor]] = deque(maxlen=config.n_obs_steps)
         self._action_queue: deque[torch.Tensor] = deque()
+        self.training_step = 0
 
     # ---- training -----------------------------------------------------------------------------
     @abc.abstractmethod
     def compute_loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """Scalar loss and a dict of named float metrics (every loss term, for logging)."""
+
+    def set_training_step(self, step: int) -> None:
+        """Called by the Workspace before every training step (and after resuming), for schedules
+        such as KL annealing that depend on the step."""
+        self.training_step = step
 
     def forward(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         # DistributedDataParallel synchronizes gradients of what runs through forward().
@@ -77,6 +83,11 @@ class Policy(nn.Module, abc.ABC):
     def optim_groups(self) -> list[dict[str, Any]]:
         """Parameter groups for the optimizer; policies with e.g. a backbone learning rate override it."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def visualize(self, batch: Mapping[str, Any], out_dir) -> list:
+        """Optional pictures of what the model learned (e.g. a latent traversal grid), written under
+        `out_dir` at each evaluation and logged; returns the PNG paths. Default: none."""
+        return []
 
     # ---- inference ----------------------------------------------------------------------------
     @abc.abstractmethod

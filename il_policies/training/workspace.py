@@ -11,7 +11,6 @@ interrupted run ends with the same parameters as an uninterrupted one.
 from __future__ import annotations
 
 import copy
-import math
 import random
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +25,9 @@ from tqdm import tqdm
 
 from il_policies.checkpoint import read_checkpoint, save_checkpoint
 from il_policies.data.dataset import SequenceDataset, collate_batch, prepare_batch
+from il_policies.data.store import TrajectoryStore
+from il_policies.envs import task_from_config
+from il_policies.envs.demos import check_store_matches_task, generate_demos
 from il_policies.policies import make_policy
 from il_policies.policies.registry import config_to_dict
 from il_policies.training.distributed import DistributedContext, GlobalBatchOrder
@@ -59,7 +61,7 @@ class Workspace:
         self.ctx = DistributedContext.from_env()
         self.device = resolve_device(cfg.device, self.ctx)
         self.step = 0
-        self.best_val_loss = math.inf
+        self.best_score: list[float] | None = None  # compared as (success rate, -val loss) or (-val loss,)
 
     # ---- setup --------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -67,6 +69,9 @@ class Workspace:
         if cfg.training.num_threads:
             torch.set_num_threads(int(cfg.training.num_threads))
         seed_everything(cfg.seed)
+        self.task = task_from_config(cfg.task)
+        if self.task is not None:
+            self._ensure_dataset(Path(cfg.task.dataset_path))
         self.dataset = SequenceDataset.from_store(
             cfg.task.dataset_path,
             n_obs_steps=cfg.policy.n_obs_steps,
@@ -80,12 +85,19 @@ class Workspace:
         fit_data = self.dataset.fit_data()
         self.policy.normalizer.fit(fit_data, action_key=self.dataset.action_key)
         actions = fit_data[self.dataset.action_key]
+        task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
         self.task_meta = {
-            "name": cfg.task.name,
-            "dataset_path": str(cfg.task.dataset_path),
-            "action_low": actions.min(axis=0).tolist(),
-            "action_high": actions.max(axis=0).tolist(),
+            **{key: task_cfg.get(key) for key in ("name", "suite", "env_name", "image", "env_options", "dataset_path")},
+            "data_action_low": actions.min(axis=0).tolist(),
+            "data_action_high": actions.max(axis=0).tolist(),
         }
+        if self.task is not None:
+            self.task_meta |= {
+                "fps": self.task.fps,
+                "max_episode_steps": self.task.max_episode_steps,
+                "action_low": np.asarray(self.task.action_low).tolist(),
+                "action_high": np.asarray(self.task.action_high).tolist(),
+            }
         self.policy.to(self.device)
         self.optimizer = torch.optim.AdamW(
             self.policy.optim_groups(),
@@ -110,6 +122,16 @@ class Workspace:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.policy, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+
+    def _ensure_dataset(self, path: Path) -> None:
+        """Generate the task's demonstrations when its dataset is missing; refuse a mismatched one."""
+        if not path.exists() and self.ctx.is_main:
+            n_demos = int(self.cfg.task.n_demos)
+            tqdm.write(f"dataset {path} not found: generating {n_demos} demonstrations of {self.task.name} with the scripted expert")
+            env_options = OmegaConf.to_container(self.cfg.task.env_options, resolve=True) if "env_options" in self.cfg.task else {}
+            generate_demos(self.task, path, n_demos, task_options=env_options)
+        self.ctx.barrier()
+        check_store_matches_task(TrajectoryStore.open(path), self.task)
 
     # ---- checkpoints --------------------------------------------------------------------------
     def _inference_state(self) -> dict[str, torch.Tensor]:
@@ -138,7 +160,7 @@ class Workspace:
                 "optimizer": self.optimizer.state_dict(),
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
-                "best_val_loss": self.best_val_loss,
+                "best_score": self.best_score,
                 "rng": {
                     "python": list(random.getstate()[1]),
                     "python_version": random.getstate()[0],
@@ -163,7 +185,7 @@ class Workspace:
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
-        self.best_val_loss = state["best_val_loss"]
+        self.best_score = state["best_score"]
         rng = state["rng"]
         random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
         np.random.set_state(_numpy_state_from(rng["numpy"]))
@@ -190,6 +212,7 @@ class Workspace:
 
     def _train_step(self, batch) -> dict[str, float]:
         self.model.train()
+        self.policy.set_training_step(self.step)
         loss, metrics = self.model(batch)
         if not self.ctx.all_true(bool(torch.isfinite(loss))):
             raise NonFiniteLossError(
@@ -243,6 +266,7 @@ class Workspace:
     def _train(self) -> dict[str, Any]:
         cfg = self.cfg
         total = cfg.training.steps
+        eval_every = cfg.eval.every if self.task is not None else 0
         summary: dict[str, Any] = {}
         progress = tqdm(total=total, initial=self.step, disable=not self.ctx.is_main, desc=f"train {self.policy.name}")
         batches = self._batches()
@@ -254,8 +278,10 @@ class Workspace:
                 if self.step % cfg.training.log_every == 0 or self.step == total:
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}")
                     self.logger.log({f"train/{k}": v for k, v in metrics.items()}, self.step)
-                if self.step % cfg.training.val_every == 0 or self.step == total:
-                    summary = self._end_of_epoch(metrics)
+                final = self.step == total
+                evaluate = self.task is not None and ((eval_every and self.step % eval_every == 0) or final)
+                if evaluate or final or self.step % cfg.training.val_every == 0:
+                    summary = self._checkpoint_round(metrics, evaluate)
                 elif self.step % cfg.training.checkpoint_every == 0:
                     self.save("latest")
         except KeyboardInterrupt:
@@ -268,16 +294,60 @@ class Workspace:
         self.ctx.barrier()
         return {"step": self.step, **summary}
 
-    def _end_of_epoch(self, train_metrics: Mapping[str, float]) -> dict[str, float]:
+    def _checkpoint_round(self, train_metrics: Mapping[str, float], evaluate: bool) -> dict[str, float]:
+        """Validation (and rollouts), then `best` when the score improved, then `latest`."""
         val = {key: self.ctx.mean(value) for key, value in self.validate().items()}
-        self.logger.log({**val, "epoch": self.batch_order.epoch_of(self.step - 1)}, self.step)
-        metrics = {f"train/{k}": v for k, v in train_metrics.items()} | val
+        rollouts = self.evaluate() if evaluate else {}
+        if self.ctx.is_main:
+            self._visualize()
+        self.logger.log({**val, **rollouts, "epoch": self.batch_order.epoch_of(self.step - 1)}, self.step)
+        metrics = {f"train/{k}": v for k, v in train_metrics.items()} | val | rollouts
         val_loss = val.get("val/loss", train_metrics["loss"])
-        if val_loss < self.best_val_loss:
-            self.best_val_loss = val_loss
+        score = None
+        if self.task is None:
+            score = [-val_loss]
+        elif "eval/success_rate" in rollouts:
+            score = [rollouts["eval/success_rate"], -val_loss]
+        if score is not None and (self.best_score is None or score > self.best_score):
+            self.best_score = score
             self.save("best", metrics)
         self.save("latest", metrics)
         return metrics
+
+    @torch.no_grad()
+    def _visualize(self) -> None:
+        source = self.val_dataset if len(self.val_dataset) else self.dataset
+        indices = list(range(min(len(source), 8)))
+        batch = prepare_batch(collate_batch(source.__getitems__(indices)), self.dataset.shape_meta, self.device)
+        self.policy.eval()
+        for path in self.policy.visualize(batch, self.output_dir / "visualizations" / f"step_{self.step}"):
+            self.logger.log_media(f"visualize/{Path(path).stem}", Path(path), self.step)
+
+    def evaluate(self) -> dict[str, float]:
+        """Rollouts of the current (EMA) policy on held-out seeds, on the main process."""
+        cfg = self.cfg.eval
+        if not self.ctx.is_main or cfg.n_episodes <= 0:
+            return {}
+        from il_policies.rollout import PolicyActor, eval_seeds, run_rollouts
+
+        if self.ema is not None:
+            self.ema.store(self.policy.parameters())
+            self.ema.copy_to(self.policy.parameters())
+        self.policy.eval()
+        out_dir = self.output_dir / "eval" / f"step_{self.step}"
+        result, _ = run_rollouts(
+            self.task, PolicyActor(self.policy), eval_seeds(cfg.n_episodes, cfg.seed_start), n_envs=cfg.n_envs,
+            asynchronous=cfg.asynchronous, video_dir=out_dir, n_videos=cfg.n_videos,
+        )
+        if self.ema is not None:
+            self.ema.restore(self.policy.parameters())
+        result.write_json(out_dir / "metrics.json")
+        for video in result.videos:
+            self.logger.log_media("eval/video", Path(video), self.step)
+        self.logger.message(
+            f"step {self.step}: success rate {result.success_rate:.2f} over {result.n_episodes} episodes ({result.wall_time_s:.0f} s)"
+        )
+        return {f"eval/{key}": float(value) for key, value in result.summary().items()}
 
 
 def _numpy_rng_state() -> dict[str, Any]:

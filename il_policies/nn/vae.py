@@ -1,0 +1,71 @@
+"""Variational pieces shared by every VAE-type policy (BVAE, VAE+NN, ACT).
+
+- `reparameterize(mu, std)`: z = mu + std * eps, eps ~ N(0, I), differentiable in mu and std.
+- `gaussian_kl(mu, logvar)`: KL(N(mu, diag(exp(logvar))) || N(0, I)) per sample, summed over
+  latent dimensions: 0.5 * sum(mu^2 + exp(logvar) - logvar - 1).
+- KL weight schedules (constant, linear warm-up, cyclical), as functions of the training step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def reparameterize(mu: torch.Tensor, std: torch.Tensor, noise_scale: float = 1.0) -> torch.Tensor:
+    return mu + std * torch.randn_like(std) * noise_scale
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """(B, D) -> (B,): KL of each sample's diagonal Gaussian from the standard normal."""
+    return 0.5 * (mu.square() + logvar.exp() - logvar - 1.0).sum(dim=-1)
+
+
+def scale_from_raw(raw: torch.Tensor, parameterization: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Network output -> (std, logvar) under one of the scale parameterizations.
+
+    `logvar`: std = exp(raw / 2); `softplus`: std = softplus(raw) + 1e-4; `raw`: std = raw as the
+    BVAE original does (it can be negative, so its logvar - and any KL - is undefined: NaN).
+    """
+    if parameterization == "logvar":
+        logvar = raw.clamp(-20.0, 10.0)
+        return torch.exp(0.5 * logvar), logvar
+    if parameterization == "softplus":
+        std = F.softplus(raw) + 1e-4
+        return std, 2.0 * torch.log(std)
+    if parameterization == "raw":
+        return raw, 2.0 * torch.log(raw)
+    raise ValueError(f"unknown scale parameterization {parameterization!r}: use logvar, softplus or raw")
+
+
+@dataclass(frozen=True)
+class KLSchedule:
+    """The weight of the KL term at a training step.
+
+    kind: `constant` (always `weight`), `linear` (0 -> weight over `warmup_steps`, then constant),
+    `cyclical` (Fu et al. 2019: repeated linear ramps; each cycle of `cycle_steps` ramps up during
+    its first `ramp_fraction`, then holds `weight`).
+    """
+
+    kind: str = "constant"
+    weight: float = 1.0
+    warmup_steps: int = 1000
+    cycle_steps: int = 1000
+    ramp_fraction: float = 0.5
+
+    def __post_init__(self):
+        if self.kind not in ("constant", "linear", "cyclical"):
+            raise ValueError(f"unknown KL schedule {self.kind!r}: use constant, linear or cyclical")
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "constant":
+            return self.weight
+        if self.kind == "linear":
+            return self.weight * min(1.0, step / max(1, self.warmup_steps))
+        position = (step % self.cycle_steps) / self.cycle_steps
+        return self.weight * min(1.0, position / self.ramp_fraction) if self.ramp_fraction > 0 else self.weight
+
+
+__all__ = ["KLSchedule", "gaussian_kl", "reparameterize", "scale_from_raw"]
