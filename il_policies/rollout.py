@@ -19,7 +19,6 @@ from typing import Any, Protocol
 import gymnasium as gym
 import imageio.v2 as imageio
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from il_policies.envs.base import Task
@@ -45,9 +44,8 @@ class PolicyActor:
     def reset(self, seeds: Sequence[int]) -> None:
         self.policy.reset()
 
-    @torch.inference_mode()
     def act(self, obs, infos):
-        return self.policy.select_action(obs).cpu().numpy()
+        return self.policy.select_action(obs)
 
 
 class ExpertActor:

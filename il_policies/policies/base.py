@@ -5,16 +5,18 @@ Conventions:
   "action_is_pad": (B, horizon)}` in raw units, images float CHW in [0, 1]
   (see `il_policies.data.dataset.prepare_batch`). Policies normalize internally with
   `self.normalizer`, which lives in their state_dict.
-- `predict_action_chunk(obs)` takes `{key: (B, n_obs_steps, *shape)}` and returns
-  `(B, horizon, A)` actions in raw units, the first one for the current step.
-- `select_action(obs)` takes one step `{key: (B, *shape)}` (images uint8 HWC or float CHW), keeps
-  the last `n_obs_steps` observations itself, runs the network only when its action queue is empty
-  and then queues `n_action_steps` actions of the chunk.
+- A policy implements `compute_loss(batch)` and `_predict_action_chunk(obs)`: the network, from
+  `{key: (B, n_obs_steps, *shape)}` to `(B, horizon, A)` raw actions, the first for the current step.
+- The base class turns that into the robot-facing `select_action(obs)` / `predict_action_chunk(obs)`:
+  observations checked and converted (numpy or torch, one step or a batch), the observation
+  history and the action queue kept here, actions clipped to the recorded bounds and returned as
+  numpy for numpy input.
 """
 
 from __future__ import annotations
 
 import abc
+import copy
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from torch import nn
 
 from il_policies.data.dataset import prepare_batch
 from il_policies.data.normalizer import Normalizer
+from il_policies.policies.observations import check_observation
 
 
 @dataclass
@@ -62,9 +65,10 @@ class Policy(nn.Module, abc.ABC):
         self.obs_keys = sorted(shape_meta["obs"])
         self.action_dim = int(shape_meta["action"]["shape"][0])
         self.normalizer = Normalizer(shape_meta, config.normalization, per_pixel=config.image_norm_per_pixel)
-        self._obs_history: deque[dict[str, torch.Tensor]] = deque(maxlen=config.n_obs_steps)
-        self._action_queue: deque[torch.Tensor] = deque()
+        self._init_episode_state()
         self.training_step = 0
+        self.register_buffer("action_low", torch.full((self.action_dim,), -torch.inf))
+        self.register_buffer("action_high", torch.full((self.action_dim,), torch.inf))
 
     # ---- training -----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -91,31 +95,108 @@ class Policy(nn.Module, abc.ABC):
 
     # ---- inference ----------------------------------------------------------------------------
     @abc.abstractmethod
-    def predict_action_chunk(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """`{key: (B, n_obs_steps, *shape)}` -> `(B, horizon, A)` actions in raw units."""
+    def _predict_action_chunk(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The network: `{key: (B, n_obs_steps, *shape)}` (images float CHW in [0, 1]) -> `(B, horizon, A)`
+        actions in raw units, the first for the current step."""
+
+    def _init_episode_state(self) -> None:
+        """Create the per-episode state (policies with more, e.g. an ensembler, extend this)."""
+        self._obs_history: deque[dict[str, torch.Tensor]] = deque(maxlen=self.config.n_obs_steps)
+        self._action_queue: deque[torch.Tensor] = deque()
 
     def reset(self) -> None:
         """Forget the observation history and queued actions: call at the start of every episode."""
-        self._obs_history.clear()
-        self._action_queue.clear()
+        self._init_episode_state()
 
-    @torch.no_grad()
-    def select_action(self, obs: Mapping[str, Any]) -> torch.Tensor:
-        """One step of observations `{key: (B, *shape)}` -> the action `(B, A)` for this step."""
-        step = self.prepare_obs(obs)
+    def episode_view(self) -> "Policy":
+        """A policy sharing this one's weights with its own episode state (one per robot/client)."""
+        view = copy.copy(self)
+        view._init_episode_state()
+        return view
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """What a robot needs to know: observation schema, action size and bounds, control rate, task."""
+        task = getattr(self, "checkpoint_meta", {}).get("task", {})
+        return {
+            "policy": self.name,
+            "observations": {key: {"shape": list(m["shape"]), "kind": m["kind"]} for key, m in self.shape_meta["obs"].items()},
+            "action_dim": self.action_dim,
+            "action_low": self.action_low.tolist(),
+            "action_high": self.action_high.tolist(),
+            "fps": task.get("fps"),
+            "task": task.get("name"),
+            "n_obs_steps": self.config.n_obs_steps,
+            "horizon": self.config.horizon,
+            "n_action_steps": self.config.n_action_steps,
+        }
+
+    @torch.inference_mode()
+    def select_action(self, obs: Mapping[str, Any]) -> Any:
+        """One step of observations -> the action to execute now, in raw (robot) units.
+
+        `obs` holds one step `{key: (*shape)}` or a batch `{key: (B, *shape)}` (see
+        `observations.check_observation` for what is accepted). The policy keeps the last
+        `n_obs_steps` observations itself and runs the network only when its action queue is empty.
+        The action is clipped to the recorded bounds: numpy `(A,)` / `(B, A)` for numpy input, else
+        a tensor `(B, A)` / `(A,)`.
+        """
+        step, batched, as_numpy = self._observe(obs)
+        if not self._action_queue:
+            chunk = self._predict_action_chunk(self._stacked_history())
+            self._action_queue.extend(rearrange(chunk[:, : self.config.n_action_steps], "b t a -> t b a"))
+        return self._deliver(self._action_queue.popleft(), batched, as_numpy)
+
+    @torch.inference_mode()
+    def predict_action_chunk(self, obs: Mapping[str, Any]) -> Any:
+        """The whole predicted chunk `(horizon, A)` (or `(B, horizon, A)`), for callers that schedule
+        actions themselves.
+
+        Given one step of robot observations, the observation is added to the history first. Given
+        model-format tensors `{key: (B, n_obs_steps, *shape)}`, the network runs on them directly.
+        """
+        if self._is_model_format(obs):
+            return self._clip(self._predict_action_chunk(obs))
+        _, batched, as_numpy = self._observe(obs)
+        chunk = self._predict_action_chunk(self._stacked_history())
+        return self._deliver(chunk, batched, as_numpy)
+
+    def _observe(self, obs: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], bool, bool]:
+        checked, batched, as_numpy = check_observation(obs, self.shape_meta)
+        step = self.prepare_obs(checked)
         if not self._obs_history:
             # Before the episode's start, repeat its first frame (as the sampler pads in training).
             self._obs_history.extend([step] * self.config.n_obs_steps)
         else:
             self._obs_history.append(step)
-        if not self._action_queue:
-            stacked = {key: torch.stack([o[key] for o in self._obs_history], dim=1) for key in self.obs_keys}
-            chunk = self.predict_action_chunk(stacked)
-            self._action_queue.extend(rearrange(chunk[:, : self.config.n_action_steps], "b t a -> t b a"))
-        return self._action_queue.popleft()
+        return step, batched, as_numpy
+
+    def _stacked_history(self) -> dict[str, torch.Tensor]:
+        return {key: torch.stack([o[key] for o in self._obs_history], dim=1) for key in self.obs_keys}
+
+    def _is_model_format(self, obs: Mapping[str, Any]) -> bool:
+        key = self.obs_keys[0]
+        value = obs.get(key) if isinstance(obs, Mapping) else None
+        return isinstance(value, torch.Tensor) and value.ndim == len(self.shape_meta["obs"][key]["shape"]) + 2
+
+    def _clip(self, action: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(torch.minimum(action, self.action_high), self.action_low)
+
+    def _deliver(self, action: torch.Tensor, batched: bool, as_numpy: bool):
+        action = self._clip(action)
+        if not torch.isfinite(action).all():
+            raise RuntimeError(f"policy {self.name!r} produced a non-finite action; refusing to return it")
+        if not batched:
+            action = action[0]
+        return action.cpu().numpy() if as_numpy else action
+
+    def set_action_bounds(self, low, high) -> None:
+        """Bounds every returned action is clipped to; stored in the state_dict (so in checkpoints)."""
+        self.action_low.copy_(torch.as_tensor(low, dtype=torch.float32))
+        self.action_high.copy_(torch.as_tensor(high, dtype=torch.float32))
 
     def prepare_obs(self, obs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Robot/env observations to model input: tensors on the policy's device, images float CHW in [0, 1]."""
+        """Observations to model input: tensors on the policy's device, images float CHW in [0, 1]."""
         return prepare_batch({"obs": {key: obs[key] for key in self.obs_keys}}, self.shape_meta, self.device)["obs"]
 
     @property

@@ -50,7 +50,6 @@ class BCPolicy(Policy):
         loss = masked_mean((predicted - target).square(), batch.get("action_is_pad"))
         return loss, {"action_mse": loss.item()}
 
-    @torch.no_grad()
-    def predict_action_chunk(self, obs):
+    def _predict_action_chunk(self, obs):
         normalized = self._predict_normalized(self.normalizer.normalize_obs(obs))
         return self.normalizer.unnormalize("action", normalized)

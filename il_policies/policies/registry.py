@@ -69,11 +69,13 @@ def config_to_dict(config: PolicyConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def load_policy(checkpoint_path: str | os.PathLike, device: str | torch.device = "cpu") -> Policy:
+def load_policy(checkpoint_path: str | os.PathLike, device: str | torch.device = "cpu", compile: bool = False) -> Policy:
     """Rebuild a policy, with its normalizer, from a checkpoint file alone (no Hydra, no dataset).
 
     The returned policy is in eval mode, on `device`, with the inference weights (EMA when trained
-    with EMA). `policy.checkpoint_meta` holds the task metadata and training step.
+    with EMA). `policy.checkpoint_meta` holds the task metadata and training step, and
+    `policy.metadata` the schema a robot needs. `compile=True` wraps the network in `torch.compile`
+    (slow first call, faster later ones on some models and machines).
     """
     payload = read_checkpoint(checkpoint_path)
     for key in ("policy_name", "policy_config", "shape_meta", "policy_state"):
@@ -89,4 +91,7 @@ def load_policy(checkpoint_path: str | os.PathLike, device: str | torch.device =
         "step": payload.get("step"),
         "metrics": payload.get("metrics", {}),
     }
-    return policy.to(device).eval()
+    policy = policy.to(device).eval()
+    if compile:
+        policy._predict_action_chunk = torch.compile(policy._predict_action_chunk)
+    return policy

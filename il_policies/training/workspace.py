@@ -91,6 +91,8 @@ class Workspace:
             "data_action_low": actions.min(axis=0).tolist(),
             "data_action_high": actions.max(axis=0).tolist(),
         }
+        bounds = (self.task.action_low, self.task.action_high) if self.task is not None else (actions.min(0), actions.max(0))
+        self.policy.set_action_bounds(*bounds)
         if self.task is not None:
             self.task_meta |= {
                 "fps": self.task.fps,
