@@ -139,3 +139,23 @@ def test_generate_train_bc_and_roll_out_on_metaworld(tmp_path):
     )
     assert rollout.returncode == 0, rollout.stderr[-3000:]
     assert json.loads(rollout.stdout.strip().splitlines()[-1])["success_rate"] >= 0.8
+
+
+def test_workspace_evaluates_periodically_through_the_harness(reach_store, tmp_path):
+    from il_policies.checkpoint import read_checkpoint
+    from il_policies.training import Workspace
+    from tests.conftest import make_cfg
+
+    cfg = make_cfg([
+        "policy=bc", "policy.hidden_dims=[16]", "task=metaworld_reach", f"task.dataset_path={reach_store}",
+        "+task.env_options.max_episode_steps=30", "training.steps=4", "training.batch_size=8",
+        "eval.every=2", "eval.n_episodes=2", "eval.n_videos=1",
+    ])
+    summary = Workspace(cfg, tmp_path).run()
+    assert summary["eval/n_episodes"] == 2 and 0.0 <= summary["eval/success_rate"] <= 1.0
+    for step in (2, 4):
+        metrics = json.loads((tmp_path / "eval" / f"step_{step}" / "metrics.json").read_text())
+        assert metrics["seeds"] == eval_seeds(2) and metrics["lengths"] and max(metrics["lengths"]) <= 30
+        assert len(list((tmp_path / "eval" / f"step_{step}").glob("*.mp4"))) == 1
+    best = read_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert "eval/success_rate" in best["metrics"] and best["task_meta"]["env_name"] == "reach-v3"
