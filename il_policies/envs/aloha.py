@@ -28,10 +28,9 @@ never terminates on success (``terminated`` is always False) and truncates at st
 from __future__ import annotations
 
 import atexit
-import os
 import weakref
 
-os.environ.setdefault("MUJOCO_GL", "egl")
+import il_policies.envs.rendering  # noqa: F401  (must precede dm_control / mujoco)
 
 from typing import Any  # noqa: E402
 

@@ -15,9 +15,7 @@ The expert is metaworld's own scripted policy for the task (`metaworld.policies`
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("MUJOCO_GL", "egl")  # must precede the first `import mujoco`
+import il_policies.envs.rendering  # noqa: F401  (must precede the first `import mujoco`)
 
 import atexit
 import functools
