@@ -62,9 +62,16 @@ class ExpertActor:
         actions = []
         for i, expert in enumerate(self.experts):
             env_obs = {key: value[i] for key, value in obs.items()}
-            env_info = {"expert_obs": infos["expert_obs"][i]}
+            env_info = {"expert_obs": _env_slice(infos["expert_obs"], i)}
             actions.append(expert.act(env_obs, env_info))
         return np.stack(actions).astype(np.float32)
+
+
+def _env_slice(value: Any, i: int) -> Any:
+    """Env i's entry of a vector env's info value (dict-valued infos arrive as dicts of arrays)."""
+    if isinstance(value, dict):
+        return {key: _env_slice(item, i) for key, item in value.items() if not key.startswith("_")}
+    return value[i]
 
 
 @dataclass

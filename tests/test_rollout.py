@@ -67,6 +67,13 @@ def test_sync_and_async_vector_envs_give_the_same_episodes():
     assert one_env.lengths == sync.lengths  # a seed gives the same episode in any wave layout
 
 
+def test_aloha_expert_through_the_harness():
+    task = make_task_by_name("aloha_transfer_cube")
+    result, episodes = run_rollouts(task, ExpertActor(task, 2), [0, 1], n_envs=2, record=True, progress=False)
+    assert result.successes == [True, True]
+    assert episodes[0]["action"].shape == (result.lengths[0], 14) and episodes[0]["env_state"].shape[1] == 7
+
+
 def test_video_is_written_and_readable(tmp_path):
     task = make_task_by_name("metaworld_reach")
     result, _ = run_rollouts(task, ExpertActor(task, 2), eval_seeds(2), n_envs=2, video_dir=tmp_path, n_videos=1, progress=False)
