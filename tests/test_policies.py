@@ -77,8 +77,8 @@ def test_action_queue_runs_network_every_n_action_steps(name, linear_store):
     policy = make_policy(cfg.policy, dataset.shape_meta).eval()
     policy.normalizer.fit(dataset.fit_data(), action_key=dataset.action_key)
     calls = []
-    original = policy.predict_action_chunk
-    policy.predict_action_chunk = lambda obs: calls.append(1) or original(obs)
+    original = policy._predict_action_chunk
+    policy._predict_action_chunk = lambda obs: calls.append(1) or original(obs)
     obs = {"state": torch.zeros(2, 5)}
     actions = [policy.select_action(obs) for _ in range(7)]
     assert len(calls) == 3  # steps 0, 3, 6
