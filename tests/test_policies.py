@@ -15,6 +15,11 @@ POLICIES = available_policies()
 # Small shapes so the whole registry trains in seconds; each policy may need its own small options.
 SMALL = {
     "bc": ["policy.hidden_dims=[32,32]", "policy.conv_channels=[8,16]", "policy.image_feature_dim=16"],
+    "act": ["policy.backbone=conv", "policy.conv_channels=[8,16]", "policy.d_model=32", "policy.n_heads=4",
+            "policy.dim_feedforward=64", "policy.n_encoder_layers=1", "policy.n_vae_encoder_layers=1",
+            "policy.latent_dim=8", "policy.horizon=10", "policy.n_action_steps=10"],
+    "bvae": ["policy.conv_channels=[4,4,8,8]", "policy.hidden_dim=16", "policy.mlp_hidden_dims=[32,32]"],
+    "vae_nn": ["policy.conv_channels=[4,4,8,8]", "policy.hidden_dim=16", "policy.mlp_hidden_dims=[32,32]"],
 }
 
 

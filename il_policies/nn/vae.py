@@ -58,6 +58,8 @@ class KLSchedule:
     def __post_init__(self):
         if self.kind not in ("constant", "linear", "cyclical"):
             raise ValueError(f"unknown KL schedule {self.kind!r}: use constant, linear or cyclical")
+        if self.kind == "cyclical" and self.cycle_steps < 1:
+            raise ValueError(f"a cyclical KL schedule needs cycle_steps >= 1, got {self.cycle_steps}")
 
     def __call__(self, step: int) -> float:
         if self.kind == "constant":

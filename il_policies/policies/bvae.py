@@ -1,0 +1,159 @@
+"""BVAE: a bidirectional VAE whose latent space is the action space (spec: shared/specs/bvae.md).
+
+One encoder E and one decoder D, shared by two passes, everything in normalized units:
+
+    Network 1 (o -> a -> o):  (mu_a, s_a) = E(o),  z = mu_a + eps * s_a * noise_scale,
+                              (mu_o, s_o) = D(z),  o_hat = mu_o + eps * s_o * noise_scale
+    Network 2 (a -> o -> a):  (mu_o', s_o') = D(a),  o_tilde = mu_o' + eps * s_o' * noise_scale,
+                              (mu_a', s_a') = E(o_tilde),  a_tilde = mu_a' + eps * s_a' * noise_scale
+
+    action_supervised = || mu_a - a ||^2          (E only; the policy's metric)
+    obs_supervised    = || mu_o' - o ||^2         (D only)
+    obs_recon         = || o_hat - o ||^2         (E and D)
+    action_recon      = || a_tilde - a ||^2       (D and E)
+    kl                = KL(N(mu_a, s_a^2) || N(0, I)), summed over latent dims, mean over the batch
+
+    loss = sum_i w_i * term_i + beta(step) * kl,   beta from `kl_schedule` (KLSchedule)
+
+MSEs are means, so each term reads in standard deviations of the training data. Action terms are
+masked by `action_is_pad`; obs terms are means over the observation groups (image, low-dim; see
+`generative.ObservationVAE`). Chunks and history are flattened: latent = horizon * action_dim,
+observations = n_obs_steps frames stacked. Inference: `action = mu_a(E(o))`, no sampling.
+
+A term whose weight is 0 is skipped in training steps and computed without a graph in eval mode, so
+validation reports every term; with only `action_supervised` weighted this is behavior cloning with
+BVAE's encoder (`bc_conv_vae.yaml`), measured on the same terms as BVAE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from einops import rearrange
+
+from il_policies.nn.losses import masked_mean
+from il_policies.nn.vae import KLSchedule, gaussian_kl
+from il_policies.policies.base import Policy
+from il_policies.policies.generative import (
+    GenerativeConfig,
+    ObservationVAE,
+    display_image,
+    obs_mse,
+    pack_std,
+    posterior,
+    sample_pack,
+    tile_grid,
+    traversal_grid,
+    write_png,
+)
+from il_policies.policies.registry import register_policy
+
+TERMS = ("action_supervised", "obs_supervised", "obs_recon", "action_recon")
+
+
+@dataclass
+class BVAEConfig(GenerativeConfig):
+    loss_weights: dict = field(default_factory=lambda: dict.fromkeys(TERMS, 1.0))  # a term left out weighs 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        unknown = sorted(set(self.loss_weights) - set(TERMS))
+        if unknown:
+            raise ValueError(f"unknown loss term(s) {unknown} in loss_weights; the terms are {list(TERMS)}")
+        self.loss_weights = {term: float(self.loss_weights.get(term, 0.0)) for term in TERMS}
+
+
+@register_policy("bvae")
+class BVAEPolicy(Policy):
+    config_class = BVAEConfig
+
+    def __init__(self, config: BVAEConfig, shape_meta):
+        super().__init__(config, shape_meta)
+        self.latent_dim = config.horizon * self.action_dim
+        self.vae = ObservationVAE(config, shape_meta["obs"], config.n_obs_steps, self.latent_dim)
+        self.kl_schedule = KLSchedule(**config.kl_schedule)
+
+    # ---- the two passes -----------------------------------------------------------------------
+    def _grad(self, *terms: str):
+        """Build a term's graph only when it is trained (and we are not under no_grad)."""
+        return torch.set_grad_enabled(torch.is_grad_enabled() and self._trained(*terms))
+
+    def _trained(self, *terms: str) -> bool:
+        return any(self.config.loss_weights[t] for t in terms)
+
+    def loss_terms(self, batch) -> dict[str, torch.Tensor]:
+        cfg, vae = self.config, self.vae
+        o = vae.pack(self.normalizer.normalize_obs(batch["obs"]))
+        a = self.normalizer.normalize("action", batch["action"])  # (B, H, A)
+        is_pad = batch.get("action_is_pad")
+        a_flat = rearrange(a, "b h a -> b (h a)")
+
+        def action_mse(prediction):
+            return masked_mean((rearrange(prediction, "b (h a) -> b h a", a=self.action_dim) - a).square(), is_pad)
+
+        # Network 1: o -> a -> o
+        mu_a, s_a, logvar_a = posterior(vae.encode(o), cfg.scale)
+        terms = {"action_supervised": action_mse(mu_a), "kl": gaussian_kl(mu_a, logvar_a).mean()}
+        every = not self.training  # training steps skip the terms with weight 0; validation reports all
+        if every or self._trained("obs_recon"):
+            with self._grad("obs_recon"):
+                z = mu_a + s_a * torch.randn_like(s_a) * cfg.noise_scale
+                mu_o, raw_o = vae.decode(z)
+                o_hat = sample_pack(mu_o, pack_std(raw_o, cfg.scale), cfg.noise_scale)
+                terms["obs_recon"] = obs_mse(o_hat, o)
+        # Network 2: a -> o -> a
+        if every or self._trained("obs_supervised", "action_recon"):
+            with self._grad("obs_supervised", "action_recon"):
+                mu_o2, raw_o2 = vae.decode(a_flat)
+                terms["obs_supervised"] = obs_mse(mu_o2, o)
+            with self._grad("action_recon"):
+                o_tilde = sample_pack(mu_o2, pack_std(raw_o2, cfg.scale), cfg.noise_scale)
+                mu_a2, s_a2, _ = posterior(vae.encode(o_tilde), cfg.scale)
+                a_tilde = mu_a2 + s_a2 * torch.randn_like(s_a2) * cfg.noise_scale
+                terms["action_recon"] = action_mse(a_tilde)
+        return terms
+
+    def compute_loss(self, batch):
+        terms = self.loss_terms(batch)
+        beta = self.kl_schedule(self.training_step)
+        weighted = [w * terms[t] for t, w in self.config.loss_weights.items() if w]
+        if beta:
+            weighted.append(beta * terms["kl"])
+        loss = torch.stack(weighted).sum() if weighted else terms["action_supervised"] * 0.0
+        metrics = {name: value.item() for name, value in terms.items()}
+        return loss, {**metrics, "kl_weight": float(beta)}
+
+    # ---- inference ----------------------------------------------------------------------------
+    def _mu(self, obs) -> torch.Tensor:
+        return self.vae.encode(self.vae.pack(self.normalizer.normalize_obs(obs)))[:, : self.latent_dim]
+
+    def _predict_action_chunk(self, obs):
+        mu = rearrange(self._mu(obs), "b (h a) -> b h a", a=self.action_dim)
+        return self.normalizer.unnormalize("action", mu)
+
+    # ---- generative ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode_action(self, action: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Raw action chunk `(B, horizon, A)` -> the observation D imagines, `{key: (B, T, *shape)}`
+        raw units (images in [0, 1]): the mean of D(a)."""
+        latent = rearrange(self.normalizer.normalize("action", action), "b h a -> b (h a)")
+        decoded = self.vae.unpack(self.vae.decode(latent)[0])
+        out = {key: self.normalizer.unnormalize(key, value) for key, value in decoded.items()}
+        return {k: v.clamp(0.0, 1.0) if k in self.vae.rgb_keys else v for k, v in out.items()}
+
+    @torch.no_grad()
+    def visualize(self, batch, out_dir) -> list:
+        """`latent_traversal.png` (rows: action coordinates -2..+2 SD around a real sample's latent)
+        and `action_to_obs.png` (top: real images; bottom: D(true action)). Image policies only."""
+        if not self.vae.rgb_keys:
+            return []
+        obs = self.normalizer.normalize_obs(batch["obs"])
+        paths = [write_png(traversal_grid(self, obs), Path(out_dir) / "latent_traversal.png")]
+        n = min(8, batch["action"].shape[0])
+        decoded = self.decode_action(batch["action"][:n])
+        imagined = display_image(self, self.normalizer.normalize_obs(decoded))
+        pair = torch.stack([display_image(self, {k: v[:n] for k, v in obs.items()}), imagined])
+        paths.append(write_png(tile_grid(pair), Path(out_dir) / "action_to_obs.png"))
+        return paths
