@@ -172,6 +172,8 @@ class Policy(nn.Module, abc.ABC):
         return step, batched, as_numpy
 
     def _stacked_history(self) -> dict[str, torch.Tensor]:
+        if len(self._obs_history) == 1:  # a view instead of a copy: a camera frame is the costliest tensor here
+            return {key: value.unsqueeze(1) for key, value in self._obs_history[0].items()}
         return {key: torch.stack([o[key] for o in self._obs_history], dim=1) for key in self.obs_keys}
 
     def _is_model_format(self, obs: Mapping[str, Any]) -> bool:
