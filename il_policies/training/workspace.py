@@ -10,6 +10,7 @@ interrupted run ends with the same parameters as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 from collections.abc import Mapping
@@ -136,14 +137,26 @@ class Workspace:
         check_store_matches_task(TrajectoryStore.open(path), self.task)
 
     # ---- checkpoints --------------------------------------------------------------------------
-    def _inference_state(self) -> dict[str, torch.Tensor]:
+    @contextlib.contextmanager
+    def _inference_weights(self):
+        """The EMA weights in the policy for the duration (the training weights are put back after,
+        also when the body raises); without EMA the policy's own weights."""
         if self.ema is None:
-            return copy.deepcopy(self.policy.state_dict())
+            yield
+            return
         self.ema.store(self.policy.parameters())
         self.ema.copy_to(self.policy.parameters())
-        state = copy.deepcopy(self.policy.state_dict())
-        self.ema.restore(self.policy.parameters())
-        return state
+        try:
+            yield
+        finally:
+            self.ema.restore(self.policy.parameters())
+
+    def _batch(self, dataset: SequenceDataset, indices: list[int]) -> dict[str, Any]:
+        return prepare_batch(collate_batch(dataset.__getitems__(indices)), self.dataset.shape_meta, self.device)
+
+    def _inference_state(self) -> dict[str, torch.Tensor]:
+        with self._inference_weights():
+            return copy.deepcopy(self.policy.state_dict())
 
     def save(self, name: str, metrics: Mapping[str, float] | None = None) -> Path | None:
         if not self.ctx.is_main:
@@ -233,22 +246,17 @@ class Workspace:
     def validate(self) -> dict[str, float]:
         if len(self.val_dataset) == 0:
             return {}
-        if self.ema is not None:
-            self.ema.store(self.policy.parameters())
-            self.ema.copy_to(self.policy.parameters())
-        self.policy.eval()
         totals: dict[str, float] = {}
         count = 0
         batch_size = self.cfg.training.batch_size
-        for start in range(0, len(self.val_dataset), batch_size):
-            indices = list(range(start, min(start + batch_size, len(self.val_dataset))))
-            batch = prepare_batch(collate_batch(self.val_dataset.__getitems__(indices)), self.dataset.shape_meta, self.device)
-            loss, metrics = self.policy.compute_loss(batch)
-            for key, value in {"loss": loss.item(), **metrics}.items():
-                totals[key] = totals.get(key, 0.0) + value * len(indices)
-            count += len(indices)
-        if self.ema is not None:
-            self.ema.restore(self.policy.parameters())
+        with self._inference_weights():
+            self.policy.eval()
+            for start in range(0, len(self.val_dataset), batch_size):
+                indices = list(range(start, min(start + batch_size, len(self.val_dataset))))
+                loss, metrics = self.policy.compute_loss(self._batch(self.val_dataset, indices))
+                for key, value in {"loss": loss.item(), **metrics}.items():
+                    totals[key] = totals.get(key, 0.0) + value * len(indices)
+                count += len(indices)
         return {f"val/{key}": value / count for key, value in totals.items()}
 
     def run(self) -> dict[str, Any]:
@@ -319,8 +327,7 @@ class Workspace:
     @torch.no_grad()
     def _visualize(self) -> None:
         source = self.val_dataset if len(self.val_dataset) else self.dataset
-        indices = list(range(min(len(source), 8)))
-        batch = prepare_batch(collate_batch(source.__getitems__(indices)), self.dataset.shape_meta, self.device)
+        batch = self._batch(source, list(range(min(len(source), 8))))
         self.policy.eval()
         for path in self.policy.visualize(batch, self.output_dir / "visualizations" / f"step_{self.step}"):
             self.logger.log_media(f"visualize/{Path(path).stem}", Path(path), self.step)
@@ -332,17 +339,13 @@ class Workspace:
             return {}
         from il_policies.rollout import PolicyActor, eval_seeds, run_rollouts
 
-        if self.ema is not None:
-            self.ema.store(self.policy.parameters())
-            self.ema.copy_to(self.policy.parameters())
-        self.policy.eval()
         out_dir = self.output_dir / "eval" / f"step_{self.step}"
-        result, _ = run_rollouts(
-            self.task, PolicyActor(self.policy), eval_seeds(cfg.n_episodes, cfg.seed_start), n_envs=cfg.n_envs,
-            asynchronous=cfg.asynchronous, video_dir=out_dir, n_videos=cfg.n_videos,
-        )
-        if self.ema is not None:
-            self.ema.restore(self.policy.parameters())
+        with self._inference_weights():
+            self.policy.eval()
+            result, _ = run_rollouts(
+                self.task, PolicyActor(self.policy), eval_seeds(cfg.n_episodes, cfg.seed_start), n_envs=cfg.n_envs,
+                asynchronous=cfg.asynchronous, video_dir=out_dir, n_videos=cfg.n_videos,
+            )
         result.write_json(out_dir / "metrics.json")
         for video in result.videos:
             self.logger.log_media("eval/video", Path(video), self.step)
