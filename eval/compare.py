@@ -42,6 +42,7 @@ from il_policies.envs import make_task_by_name  # noqa: E402
 from il_policies.rollout import PolicyActor, eval_seeds, run_rollouts  # noqa: E402
 from il_policies.training import Workspace  # noqa: E402
 
+# Keys are conf/policy configs: bc_conv_vae is the registry's `bc` with BVAE's encoder E.
 METHODS = {"BC (same encoder)": "bc_conv_vae", "VAE+NN": "vae_nn", "BVAE": "bvae"}
 TERMS = ("action_supervised", "obs_recon", "obs_supervised", "action_recon")
 # Terms a method trains (others are untrained read-outs, or undefined for VAE+NN): shown as "—".
@@ -84,6 +85,12 @@ def measure_terms(policy, dataset, batch_size: int = 256) -> dict[str, float]:
     return {key: value / len(dataset) for key, value in totals.items()}
 
 
+def as_action_supervised(metrics: dict) -> dict:
+    """BC names its one loss term `action_mse`; it is the same quantity as the VAEs' `action_supervised`."""
+    renamed = {key.replace("action_mse", "action_supervised"): value for key, value in metrics.items() if "action_mse" in key}
+    return {**metrics, **renamed}
+
+
 def run_one(args, name: str, policy_name: str, seed: int) -> dict:
     run_dir = args.out / f"{policy_name}_seed{seed}"
     start = time.perf_counter()
@@ -91,15 +98,15 @@ def run_one(args, name: str, policy_name: str, seed: int) -> dict:
     workspace.run()
     train_s = time.perf_counter() - start
     policy = workspace.policy
-    train_terms = measure_terms(policy, workspace.dataset)
-    val_terms = measure_terms(policy, workspace.val_dataset)
+    train_terms = as_action_supervised(measure_terms(policy, workspace.dataset))
+    val_terms = as_action_supervised(measure_terms(policy, workspace.val_dataset))
     result, _ = run_rollouts(make_task_by_name(args.task), PolicyActor(policy.eval()), eval_seeds(args.episodes), progress=False,
                              max_episode_steps=args.max_episode_steps)
     record = {
         "method": name, "policy": policy_name, "seed": seed, "train_s": train_s, "rollout_s": result.wall_time_s,
         "train_episodes": workspace.dataset.train_episode_ids.tolist(), "val_episodes": workspace.dataset.val_episode_ids.tolist(),
         "train": train_terms, "val": val_terms, "success_rate": result.success_rate, "successes": result.successes,
-        "history": workspace.history, "traversal": str(run_dir / "visualizations" / f"step_{args.steps}" / "latent_traversal.png"),
+        "history": [as_action_supervised(h) for h in workspace.history], "traversal": str(run_dir / "visualizations" / f"step_{args.steps}" / "latent_traversal.png"),
     }
     print(f"{name} seed {seed}: train action_supervised {train_terms['action_supervised']:.3f}, held-out "
           f"{val_terms['action_supervised']:.3f}, success {result.success_rate:.2f} ({train_s:.0f} s train, "
@@ -116,7 +123,7 @@ def table(records: list[dict], args) -> str:
     lines = [f"Task `{args.task}`, 8 training trajectories, {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), "
              f"{args.steps} steps at batch {args.batch_size}, {args.episodes} rollouts per run (at most {args.max_episode_steps} "
              "steps each). Loss terms in standard deviations "
-             "(mean ± std over seeds); — : a term the method does not train (BC's decoder is untrained; VAE+NN has no "
+             "(mean ± std over seeds); — : a term the method does not have (BC has no decoder; VAE+NN has no "
              "action-to-observation pass).", ""]
     header = ["method"] + [f"{split} {term}" for term in TERMS for split in ("train", "held-out")] + ["success rate"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -184,6 +191,21 @@ def curves(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def previous_runs(path: Path, settings: dict, wanted: list[str]) -> tuple[list[dict], float]:
+    """Runs of the methods not asked for this time, from an earlier results.json with the same settings
+    (so one method can be re-run without re-running the others); their share of its wall time."""
+    if not path.is_file():
+        return [], 0.0
+    saved = json.loads(path.read_text())
+    if any(saved.get(key) != value for key, value in settings.items()):
+        return [], 0.0
+    kept = [r for r in saved["runs"] if r["policy"] not in wanted and r["policy"] in METHODS.values()]
+    if kept:
+        print(f"keeping {len(kept)} runs of {sorted({r['policy'] for r in kept})} from {path}")
+    share = sum(r["train_s"] + r["rollout_s"] for r in kept) / max(sum(r["train_s"] + r["rollout_s"] for r in saved["runs"]), 1e-9)
+    return kept, saved["wall_s"] * share
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="metaworld_push_image")
@@ -197,7 +219,9 @@ def main() -> None:
     parser.add_argument("--n-demos", type=int, default=16, help="demonstrations generated (8 train, val-ratio held out)")
     parser.add_argument("--val-ratio", type=float, default=0.25)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--methods", default=",".join(METHODS.values()), help="subset of " + ",".join(METHODS.values()))
+    parser.add_argument("--methods", default=",".join(METHODS.values()),
+                        help="subset of " + ",".join(METHODS.values()) + "; the other methods' runs are kept from --out/results.json "
+                        "when its settings match")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bvae_compare")
     parser.add_argument("--summarize", action="store_true", help="only rebuild table.md and curves.png from --out/results.json")
     args = parser.parse_args()
@@ -215,11 +239,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     wanted = args.methods.split(",")
+    settings = {"task": args.task, "steps": args.steps, "seeds": args.seeds, "episodes": args.episodes,
+                "batch_size": args.batch_size, "max_episode_steps": args.max_episode_steps}
+    kept, kept_s = previous_runs(args.out / "results.json", settings, wanted)
     start = time.perf_counter()
     records = [run_one(args, name, policy, seed) for seed in args.seeds for name, policy in METHODS.items() if policy in wanted]
-    summary = {"task": args.task, "steps": args.steps, "seeds": args.seeds, "episodes": args.episodes,
-               "batch_size": args.batch_size, "max_episode_steps": args.max_episode_steps, "wall_s": time.perf_counter() - start,
-               "runs": records}
+    summary = {**settings, "wall_s": kept_s + time.perf_counter() - start, "runs": kept + records}
+    records = summary["runs"]
     (args.out / "results.json").write_text(json.dumps(summary, indent=1))
     text = table(records, args) + f"\nWall time: {summary['wall_s'] / 60:.1f} min.\n"
     (args.out / "table.md").write_text(text)

@@ -1,6 +1,7 @@
 """Serve a checkpoint to robot clients: `python -m il_policies.serve checkpoint=PATH [host=127.0.0.1] [port=8765]`.
 
-Binds to loopback unless `host=` says otherwise. Options: device=cpu|cuda, max_message_mb=16, compile=false.
+Binds to loopback unless `host=` says otherwise. Options: device=cpu|cuda, max_message_mb=16, compile=false,
+num_threads=null (torch CPU threads; 1 for the small networks, see `load_policy`).
 """
 
 import asyncio
@@ -16,13 +17,14 @@ from il_policies.serving.server import PolicyServer
 
 def main(argv: list[str]) -> None:
     options = OmegaConf.merge(
-        {"checkpoint": None, "host": "127.0.0.1", "port": DEFAULT_PORT, "device": "cpu", "max_message_mb": 16, "compile": False},
+        {"checkpoint": None, "host": "127.0.0.1", "port": DEFAULT_PORT, "device": "cpu", "max_message_mb": 16, "compile": False,
+         "num_threads": None},
         OmegaConf.from_dotlist(argv),
     )
     if not options.checkpoint:
         sys.exit("usage: python -m il_policies.serve checkpoint=PATH [host=127.0.0.1] [port=8765] [device=cpu]")
     try:
-        policy = load_policy(options.checkpoint, device=options.device, compile=options.compile)
+        policy = load_policy(options.checkpoint, device=options.device, compile=options.compile, num_threads=options.num_threads)
     except CheckpointError as error:
         sys.exit(f"error: {error}")
     server = PolicyServer(policy, options.host, int(options.port), int(options.max_message_mb * 1024 * 1024))

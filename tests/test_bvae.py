@@ -196,18 +196,54 @@ def test_each_term_reaches_exactly_the_networks_it_should(meta):
         assert (_reaches(terms[name], E), _reaches(terms[name], D)) == (to_e, to_d), name
 
 
-def test_bc_config_trains_the_encoder_alone_and_validation_reports_every_term():
-    policy = policy_from_yaml("bc_conv_vae", IMAGE_META, **TINY_IMAGE)
+def test_bc_baseline_is_the_registry_bc_with_exactly_bvaes_encoder():
+    bc = policy_from_yaml("bc_conv_vae", IMAGE_META, **TINY_IMAGE)
+    bvae = policy_from_yaml("bvae", IMAGE_META, **TINY_IMAGE)
+    assert bc.name == "bc"
+    # Layer for layer BVAE's E; only the last linear layer is narrower: the action chunk instead of (mean, scale).
+    bc_layers = [(type(m).__name__, tuple(p.shape for p in m.parameters(recurse=False))) for m in bc.obs_encoder.encoder.modules()]
+    bvae_layers = [(type(m).__name__, tuple(p.shape for p in m.parameters(recurse=False))) for m in bvae.vae.encoder.modules()]
+    assert bc_layers[:-1] == bvae_layers[:-1]
+    assert bc.obs_encoder.encoder.head[-1].out_features * 2 == bvae.vae.encoder.head[-1].out_features
     batch = random_batch(IMAGE_META)
-    loss, metrics = policy.compute_loss(batch)
+    loss, metrics = bc.compute_loss(batch)
     loss.backward()
-    assert all(p.grad is None for p in policy.vae.decoder.parameters())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.vae.encoder.parameters())
-    assert loss.item() == pytest.approx(metrics["action_supervised"], rel=1e-6)
-    assert set(metrics) == {"action_supervised", "kl", "kl_weight"}  # untrained terms cost nothing in training
-    with torch.no_grad():
-        metrics = policy.eval().compute_loss(batch)[1]
-    assert all(np.isfinite(metrics[t]) for t in ("obs_supervised", "obs_recon", "action_recon", "kl"))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in bc.parameters())
+    # E's output IS the normalized action: the loss is its MSE against the normalized target.
+    out = bc.obs_encoder.encode(bc.obs_encoder.pack(bc.normalizer.normalize_obs(batch["obs"])))
+    target = bc.normalizer.normalize("action", batch["action"])[:, 0]
+    assert loss.item() == pytest.approx(F.mse_loss(out, target).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("config", ["bvae", "vae_nn", "bc_conv_vae", "bvae_original"])
+@pytest.mark.parametrize("size,per_pixel,n_obs_steps", [(16, False, 1), (16, False, 2), (16, True, 1), (4, False, 1)])
+def test_inference_with_the_normalization_folded_in_equals_the_training_path(config, size, per_pixel, n_obs_steps):
+    # At inference E's first convolution takes the unnormalized image (the normalization folded into its
+    # weights, run as a patch matmul); a tiny image (zero padding first) or per-pixel statistics cannot fold.
+    meta = {"obs": {"image": {"shape": (3, size, size), "kind": "rgb"}, "cam2": {"shape": (1, size, size), "kind": "rgb"},
+                    "agent_pos": {"shape": (2,), "kind": "low_dim"}}, "action": {"shape": (2,)}}
+    extra = {"upsample_sizes": None} if config == "bvae_original" else {}
+    policy = policy_from_yaml(config, meta, **TINY_IMAGE, **extra, image_norm_per_pixel=per_pixel, n_obs_steps=n_obs_steps).eval()
+    obs = random_batch(meta, batch=3, n_obs_steps=n_obs_steps)["obs"]
+    expected = policy._predict_action_chunk(obs)  # grad enabled: the plain path, normalization then E
+    with torch.inference_mode():
+        folded = policy._predict_action_chunk(obs)
+        torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
+        first = next(policy.parameters())  # the folded weights are rebuilt after a weight changes
+        first.add_(torch.linspace(-0.5, 0.5, first.numel()).view_as(first))
+        changed = policy._predict_action_chunk(obs)
+    torch.testing.assert_close(changed, policy._predict_action_chunk(obs).detach(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(changed, expected)
+
+
+def test_patch_conv_equals_the_convolution():
+    from il_policies.nn.conv import patch_conv, patch_conv_weight
+
+    for shape, kernel in [((1, 3, 84, 84), 2), ((4, 6, 85, 83), 2), ((2, 3, 9, 12), 3)]:
+        conv = torch.nn.Conv2d(shape[1], 7, kernel, kernel)
+        for x in (torch.randn(shape), torch.randn(shape).contiguous(memory_format=torch.channels_last)):
+            with torch.no_grad():
+                torch.testing.assert_close(patch_conv(x, patch_conv_weight(conv.weight), conv.bias), conv(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("two_stage", [False, True])
@@ -237,7 +273,7 @@ def test_original_config_has_exactly_24520_parameters_at_224_with_a_7_dim_action
 
 @pytest.mark.parametrize("size", [24, 64, 84, 96, 224])
 def test_the_family_reaches_any_declared_image_size_with_low_dim_inputs(size):
-    encoder = ConvImageEncoder(6, size, latent_dim=5, low_dim=3, norm="group")
+    encoder = ConvImageEncoder(6, size, out_dim=10, low_dim=3, norm="group")
     decoder = ConvImageDecoder(6, size, latent_dim=5, low_dim=3, norm="group", output_activation=False)
     out = encoder(torch.rand(2, 6, size, size), torch.randn(2, 3))
     image, low = decoder(out[:, :5])

@@ -12,6 +12,8 @@ from il_policies.training import Workspace
 from tests.conftest import make_cfg
 
 POLICIES = available_policies()
+# Every registered policy at its own config, plus configs that build a policy differently.
+CONFIGS = [*POLICIES, "bc_conv_vae"]
 # Small shapes so the whole registry trains in seconds; each policy may need its own small options.
 SMALL = {
     "bc": ["policy.hidden_dims=[32,32]", "policy.conv_channels=[8,16]", "policy.image_feature_dim=16"],
@@ -20,6 +22,7 @@ SMALL = {
             "policy.latent_dim=8", "policy.horizon=10", "policy.n_action_steps=10"],
     "bvae": ["policy.conv_channels=[4,4,8,8]", "policy.hidden_dim=16", "policy.mlp_hidden_dims=[32,32]"],
     "vae_nn": ["policy.conv_channels=[4,4,8,8]", "policy.hidden_dim=16", "policy.mlp_hidden_dims=[32,32]"],
+    "bc_conv_vae": ["policy.conv_channels=[4,4,8,8]", "policy.hidden_dim=16", "policy.hidden_dims=[32,32]"],
 }
 
 
@@ -31,7 +34,7 @@ def test_registry_lists_bc():
     assert "bc" in POLICIES
 
 
-@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("store_fixture", ["linear_store", "image_store"])
 def test_train_save_load_identical_actions(name, store_fixture, request, tmp_path):
     store = request.getfixturevalue(store_fixture)
@@ -43,7 +46,7 @@ def test_train_save_load_identical_actions(name, store_fixture, request, tmp_pat
     assert checkpoint.is_file() and (tmp_path / "checkpoints" / "best.pt").is_file()
 
     loaded = load_policy(checkpoint)
-    assert loaded.name == name and not loaded.training
+    assert loaded.name == cfg.policy.name and not loaded.training
     trained = workspace.policy.eval()
     dataset = workspace.dataset
     batch = prepare_batch(collate_batch(dataset.__getitems__([0, 5, 9])), dataset.shape_meta, "cpu")
@@ -58,7 +61,7 @@ def test_train_save_load_identical_actions(name, store_fixture, request, tmp_pat
     assert loaded.select_action(step_obs).shape == (1, dataset.shape_meta["action"]["shape"][0])
 
 
-@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("name", CONFIGS)
 def test_loss_is_finite_and_backpropagates(name, image_store):
     dataset = SequenceDataset.from_store(image_store, n_obs_steps=2, horizon=4)
     cfg = make_cfg([*small_overrides(name), "policy.n_obs_steps=2", "policy.horizon=4", "policy.n_action_steps=2"])
@@ -75,7 +78,7 @@ def test_loss_is_finite_and_backpropagates(name, image_store):
     assert chunk.shape == (6, 4, 3)
 
 
-@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("name", CONFIGS)
 def test_action_queue_runs_network_every_n_action_steps(name, linear_store):
     dataset = SequenceDataset.from_store(linear_store, n_obs_steps=1, horizon=4)
     cfg = make_cfg([*small_overrides(name), "policy.horizon=4", "policy.n_action_steps=3"])

@@ -97,15 +97,17 @@ def test_predict_action_chunk_for_callers_that_schedule_chunks(chunked_checkpoin
 
 
 def test_load_policy_needs_no_training_code(chunked_checkpoint):
+    # In a fresh process, which also checks that num_threads sets the process's torch threads.
     code = (
-        "import sys; from il_policies import load_policy; import numpy as np\n"
-        f"p = load_policy({str(chunked_checkpoint)!r}); p.select_action({{'state': np.zeros(5)}})\n"
+        "import sys, torch; from il_policies import load_policy; import numpy as np\n"
+        f"p = load_policy({str(chunked_checkpoint)!r}, num_threads=1); p.select_action({{'state': np.zeros(5)}})\n"
         "heavy = [m for m in ('hydra', 'wandb', 'diffusers', 'zarr', 'il_policies.training', 'il_policies.envs') if m in sys.modules]\n"
-        "print(heavy)"
+        "print(heavy, torch.get_num_threads())"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip() == "[]"
+    assert run.stdout.strip() == "[] 1"
 
 
 def test_control_loop_reports_latency_and_deadline_misses(chunked_checkpoint):

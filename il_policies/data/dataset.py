@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from einops import rearrange
 
 from il_policies.data.sampler import SequenceSampler, split_episodes
 
@@ -223,7 +222,7 @@ def collate_batch(batch) -> dict:
 def _prepare_image(x: torch.Tensor, chw: tuple, key: str) -> torch.Tensor:
     c, h, w = chw
     if tuple(x.shape[-3:]) == (h, w, c):
-        x = rearrange(x, "... h w c -> ... c h w")
+        x = x.movedim(-1, -3)  # HWC -> CHW, a view
     elif tuple(x.shape[-3:]) != (c, h, w):
         raise ValueError(f"rgb key {key!r}: expected trailing shape {(h, w, c)} (HWC) or "
                          f"{(c, h, w)} (CHW), got {tuple(x.shape)}.")

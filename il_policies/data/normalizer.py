@@ -86,6 +86,11 @@ class Normalizer(nn.Module):
             stats.scale.copy_(torch.as_tensor(scale, dtype=torch.float32).reshape(stats.scale.shape))
         self.fitted.fill_(True)
 
+    def affine(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffers `(center, scale)` of `key`: normalized = (x - center) / scale."""
+        stats = self.stats[_buffer_name(key)]
+        return stats.center, stats.scale
+
     def normalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
         stats = self.stats[_buffer_name(key)]
         return (x - stats.center) / stats.scale

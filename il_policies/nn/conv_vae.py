@@ -19,7 +19,8 @@ such a max-pool is dropped, an adaptive max-pool brings the map to exactly 2x2 w
 (default: a geometric progression, 84: 7, 24, 84) end at exactly the image size. `output_activation=False` leaves the decoder's last block linear (no Norm/LReLU), so the
 normalized image can take any value; the original squashes it with BatchNorm + LeakyReLU.
 
-The encoder returns `2 * latent` values (mean, raw scale); the decoder returns the mean and raw
+The encoder returns `out_dim` values: `2 * latent` (mean, raw scale) in a VAE, the action chunk
+itself when BC uses it (`policy=bc_conv_vae`); the decoder returns the mean and raw
 scale of the observation: an image of `2 * C` channels (C mean channels, then C scale channels)
 and, with low-dim inputs, `2 * low_dim` values. Turning a raw scale into a standard deviation is
 the caller's choice (`il_policies.nn.vae.scale_from_raw`).
@@ -27,11 +28,15 @@ the caller's choice (`il_policies.nn.vae.scale_from_raw`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from il_policies.nn.cache import WeightCache
+from il_policies.nn.conv import patch_conv, patch_conv_weight
 from il_policies.nn.mlp import mlp
 
 ORIGINAL_CHANNELS = (12, 12, 24, 48)
@@ -56,13 +61,14 @@ def _down(size: int, kernel: int, stride: int, padding: int = 0) -> int:
 
 
 class ConvImageEncoder(nn.Module):
-    """`(B, C, H, W)` normalized image [+ `(B, low_dim)`] -> `(B, 2 * latent_dim)`."""
+    """`(B, C, H, W)` normalized image [+ `(B, low_dim)`] -> `(B, out_dim)`: `2 * latent_dim` (mean,
+    raw scale) as a VAE's encoder, the action chunk itself as BC's."""
 
     def __init__(
         self,
         in_channels: int,
         image_size: Sequence[int] | int,
-        latent_dim: int,
+        out_dim: int,
         low_dim: int = 0,
         channels: Sequence[int] = ORIGINAL_CHANNELS,
         hidden_dim: int = ORIGINAL_HIDDEN,
@@ -106,17 +112,51 @@ class ConvImageEncoder(nn.Module):
         layers.append(nn.Flatten())
         self.features = nn.Sequential(*layers)
         self.low_dim = int(low_dim)
-        self.head = nn.Sequential(nn.Linear(c3 * GRID * GRID + self.low_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 2 * latent_dim))
-        self.out_dim = 2 * latent_dim
+        self.head = nn.Sequential(nn.Linear(c3 * GRID * GRID + self.low_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim))
+        self.out_dim = out_dim
+        self._first_conv = WeightCache()
+        self._pool_after_first_conv = isinstance(self.features[1], nn.MaxPool2d)
 
-    def forward(self, image: torch.Tensor, low_dim: torch.Tensor | None = None) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            # Inference: channels-last runs the max-pools ~3x faster on a CPU (same values).
-            image = image.contiguous(memory_format=torch.channels_last)
-        features = self.features(image)
+    def forward(self, image: torch.Tensor, low_dim: torch.Tensor | None = None, first_conv: Callable | None = None) -> torch.Tensor:
+        """`first_conv`: at inference, a `prepare_first_conv(weight, bias)` that replaces the first
+        convolution (e.g. with the input normalization folded in: `ObservationVAE.encode_observation`)."""
+        if torch.is_grad_enabled() and first_conv is None:
+            features = self.features(image)
+        else:
+            features = self._inference_features(image, first_conv)
         if self.low_dim:
             features = torch.cat([features, low_dim], dim=-1)
         return self.head(features)
+
+    @property
+    def starts_with_conv(self) -> bool:
+        """Whether the first layer is the convolution itself (no zero padding before it)."""
+        return isinstance(self.features[0], nn.Conv2d)
+
+    def prepare_first_conv(self, weight: torch.Tensor, bias: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The first convolution with these weights, in the form inference runs it (`patch_conv` when
+        its kernel equals its stride, as in this family unless the image is tiny)."""
+        conv = self.features[0]
+        if conv.kernel_size == conv.stride and conv.padding == (0, 0):
+            return functools.partial(patch_conv, weight_rows=patch_conv_weight(weight), bias=bias)
+        return functools.partial(F.conv2d, weight=weight.contiguous(memory_format=torch.channels_last), bias=bias, stride=conv.stride)
+
+    def _inference_features(self, image: torch.Tensor, first_conv: Callable | None) -> torch.Tensor:
+        # Batch-1 CPU inference: the first convolution and max-pool (the largest maps) run ~3x faster
+        # channels-last, the small maps after them faster in NCHW. Same values either way.
+        x = image.contiguous(memory_format=torch.channels_last)
+        layers = iter(self.features)
+        if self.starts_with_conv:
+            conv = next(layers)
+            if first_conv is None:
+                first_conv = self._first_conv.get([conv.weight, conv.bias], lambda: self.prepare_first_conv(conv.weight, conv.bias))
+            x = first_conv(x)
+            if self._pool_after_first_conv:
+                x = next(layers)(x)
+        x = x.contiguous()
+        for layer in layers:
+            x = layer(x)
+        return x
 
 
 def default_upsample_sizes(size: int, n_blocks: int = 3) -> tuple[int, ...]:
@@ -178,12 +218,12 @@ class ConvImageDecoder(nn.Module):
 
 
 class MLPEncoder(nn.Module):
-    """Low-dim observations: `obs_dim -> h -> h -> 2 * latent_dim`."""
+    """Low-dim observations: `obs_dim -> h -> h -> out_dim`."""
 
-    def __init__(self, obs_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (256, 256)):
+    def __init__(self, obs_dim: int, out_dim: int, hidden_dims: Sequence[int] = (256, 256)):
         super().__init__()
-        self.net = mlp(obs_dim, hidden_dims, 2 * latent_dim)
-        self.out_dim = 2 * latent_dim
+        self.net = mlp(obs_dim, hidden_dims, out_dim)
+        self.out_dim = out_dim
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.net(obs)
@@ -202,7 +242,7 @@ class MLPDecoder(nn.Module):
 
 def original_bvae_networks(latent_dim: int = 7) -> tuple[ConvImageEncoder, ConvImageDecoder]:
     """The writeup's exact 224x224 RGB encoder and decoder (24,520 parameters for a 7-dim latent)."""
-    encoder = ConvImageEncoder(3, 224, latent_dim)
+    encoder = ConvImageEncoder(3, 224, 2 * latent_dim)
     decoder = ConvImageDecoder(3, 224, latent_dim, upsample_sizes=ORIGINAL_UPSAMPLE_SIZES)
     return encoder, decoder
 

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from il_policies.nn.cache import WeightCache
+
 
 @functools.cache
 def _onednn_linear() -> bool:
@@ -260,18 +262,19 @@ class DecoderLayer(_Layer):
         self.self_attn = MultiheadAttention(dim, n_heads, dropout)
         self.cross_attn = MultiheadAttention(dim, n_heads, dropout)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self._prefix: tuple | None = None
+        self._prefix = WeightCache()
 
     def _constant_prefix(self, query_pos: torch.Tensor):
         """Zero target at inference: the self-attention block's output (1, D) and the cross-attention
         queries (Q, D) depend on the weights only; cached until one of them changes."""
         sources = [self.self_attn.in_proj_bias, self.self_attn.out_proj.weight, self.self_attn.out_proj.bias,
                    self.norm1.weight, self.norm1.bias, self.cross_attn.in_proj_weight, self.cross_attn.in_proj_bias, query_pos]
-        key = tuple((t.data_ptr(), t._version) for t in sources)
-        if self._prefix is None or self._prefix[0] != key:
+
+        def prefix():
             x = self.norm1(self.self_attn.out_proj(self.self_attn.in_proj_bias[2 * self.self_attn.dim :]))[None]
-            self._prefix = (key, x, self.cross_attn.project_query(x + query_pos))
-        return self._prefix[1], self._prefix[2]
+            return x, self.cross_attn.project_query(x + query_pos)
+
+        return self._prefix.get(sources, prefix)
 
     def forward(self, x, memory, query_pos, memory_pos=None, batch: int | None = None):
         """`x` (B, Q, D) or None for a zero target (ACT's first layer); `query_pos` (Q, D) or (B, Q, D);

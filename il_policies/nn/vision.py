@@ -22,6 +22,8 @@ import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from il_policies.nn.cache import WeightCache
+
 
 class ResNetBackbone(nn.Module):
     def __init__(self, name: str = "resnet18", weights_path: str | None = None, frozen_bn: bool = True,
@@ -47,7 +49,7 @@ class ResNetBackbone(nn.Module):
         self.channels_last, self.frozen_bn = channels_last, frozen_bn
         if channels_last:
             self.body.to(memory_format=torch.channels_last)
-        self._folded: tuple[tuple, dict] | None = None
+        self._folded = WeightCache()
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -70,17 +72,16 @@ class ResNetBackbone(nn.Module):
         return pairs
 
     def _fold(self) -> dict:
-        tensors = [*self.body.parameters(), *self.body.buffers()]
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
-        if self._folded is None or self._folded[0] != key:
+        def fold() -> dict:
             fmt = torch.channels_last if self.channels_last else torch.contiguous_format
             folded = {}
             for conv, bn in self._pairs():
                 scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
                 weight = (conv.weight * scale[:, None, None, None]).contiguous(memory_format=fmt)
                 folded[conv] = (weight, bn.bias - bn.running_mean * scale)
-            self._folded = (key, folded)
-        return self._folded[1]
+            return folded
+
+        return self._folded.get([*self.body.parameters(), *self.body.buffers()], fold)
 
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
         folded = self._fold()

@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
-from einops import rearrange
 from torch import nn
 
 from il_policies.data.dataset import prepare_batch
@@ -144,7 +144,7 @@ class Policy(nn.Module, abc.ABC):
         step, batched, as_numpy = self._observe(obs)
         if not self._action_queue:
             chunk = self._predict_action_chunk(self._stacked_history())
-            self._action_queue.extend(rearrange(chunk[:, : self.config.n_action_steps], "b t a -> t b a"))
+            self._action_queue.extend(chunk[:, : self.config.n_action_steps].unbind(dim=1))
         return self._deliver(self._action_queue.popleft(), batched, as_numpy)
 
     @torch.inference_mode()
@@ -182,15 +182,16 @@ class Policy(nn.Module, abc.ABC):
         return isinstance(value, torch.Tensor) and value.ndim == len(self.shape_meta["obs"][key]["shape"]) + 2
 
     def _clip(self, action: torch.Tensor) -> torch.Tensor:
-        return torch.maximum(torch.minimum(action, self.action_high), self.action_low)
+        return torch.clamp(action, self.action_low, self.action_high)
 
     def _deliver(self, action: torch.Tensor, batched: bool, as_numpy: bool):
-        action = self._clip(action)
-        if not torch.isfinite(action).all():
+        action = self._clip(action if batched else action[0])
+        if as_numpy:
+            action = action.cpu().numpy()
+        finite = np.isfinite(action).all() if as_numpy else torch.isfinite(action).all()
+        if not finite:
             raise RuntimeError(f"policy {self.name!r} produced a non-finite action; refusing to return it")
-        if not batched:
-            action = action[0]
-        return action.cpu().numpy() if as_numpy else action
+        return action
 
     def set_action_bounds(self, low, high) -> None:
         """Bounds every returned action is clipped to; stored in the state_dict (so in checkpoints)."""

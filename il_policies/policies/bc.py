@@ -2,7 +2,10 @@
 
     a_{t:t+H} = f(o_{t-T+1:t}),    L = || f(o) - a ||^2   (normalized units, padded steps masked)
 
-Images go through the shared ConvEncoder; low-dim observations are used as they are.
+`encoder: conv` (default): images through the shared ConvEncoder, low-dim observations as they
+are, then an MLP. `encoder: conv_vae`: f is BVAE's encoder E itself (the conv VAE family of
+`il_policies.nn.conv_vae`, its output the action chunk instead of a posterior): the writeup's "NN"
+baseline, `conf/policy/bc_conv_vae.yaml`.
 """
 
 from __future__ import annotations
@@ -15,15 +18,26 @@ from einops import rearrange
 from il_policies.nn import ObservationEncoder, mlp
 from il_policies.nn.losses import masked_mean
 from il_policies.policies.base import Policy, PolicyConfig
+from il_policies.policies.generative import StackedObservationEncoder
 from il_policies.policies.registry import register_policy
+
+ENCODERS = ("conv", "conv_vae")
 
 
 @dataclass
 class BCConfig(PolicyConfig):
-    hidden_dims: tuple[int, ...] = (256, 256)
-    dropout: float = 0.0
-    image_feature_dim: int = 64
-    conv_channels: tuple[int, ...] = (32, 64, 128)
+    encoder: str = "conv"  # conv | conv_vae
+    hidden_dims: tuple[int, ...] = (256, 256)  # the MLP head (conv_vae: the low-dim-only MLP)
+    dropout: float = 0.0  # in the MLP head (conv)
+    image_feature_dim: int = 64  # per camera (conv)
+    conv_channels: tuple[int, ...] = (32, 64, 128)  # the encoder's conv widths (conv_vae: 4 of them)
+    hidden_dim: int = 28  # conv_vae: the MLP width between conv features and output
+    norm: str = "group"  # conv_vae: batch | group | none
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"unknown BC encoder {self.encoder!r}: use one of {ENCODERS}")
 
 
 @register_policy("bc")
@@ -32,17 +46,21 @@ class BCPolicy(Policy):
 
     def __init__(self, config: BCConfig, shape_meta):
         super().__init__(config, shape_meta)
-        self.obs_encoder = ObservationEncoder(shape_meta["obs"], config.image_feature_dim, config.conv_channels)
-        self.head = mlp(
-            self.obs_encoder.out_dim * config.n_obs_steps,
-            config.hidden_dims,
-            config.horizon * self.action_dim,
-            dropout=config.dropout,
-        )
+        out_dim = config.horizon * self.action_dim
+        if config.encoder == "conv_vae":
+            self.obs_encoder = StackedObservationEncoder(
+                shape_meta["obs"], config.n_obs_steps, out_dim, config.conv_channels, config.hidden_dim, config.norm, config.hidden_dims
+            )
+        else:
+            self.obs_encoder = ObservationEncoder(shape_meta["obs"], config.image_feature_dim, config.conv_channels)
+            self.head = mlp(self.obs_encoder.out_dim * config.n_obs_steps, config.hidden_dims, out_dim, dropout=config.dropout)
 
     def _predict_normalized(self, normalized_obs) -> torch.Tensor:
-        features = rearrange(self.obs_encoder(normalized_obs), "b t d -> b (t d)")
-        return rearrange(self.head(features), "b (h a) -> b h a", a=self.action_dim)
+        if self.config.encoder == "conv_vae":
+            flat = self.obs_encoder.encode(self.obs_encoder.pack(normalized_obs))
+        else:
+            flat = self.head(rearrange(self.obs_encoder(normalized_obs), "b t d -> b (t d)"))
+        return rearrange(flat, "b (h a) -> b h a", a=self.action_dim)
 
     def compute_loss(self, batch):
         predicted = self._predict_normalized(self.normalizer.normalize_obs(batch["obs"]))
@@ -51,5 +69,8 @@ class BCPolicy(Policy):
         return loss, {"action_mse": loss.item()}
 
     def _predict_action_chunk(self, obs):
-        normalized = self._predict_normalized(self.normalizer.normalize_obs(obs))
+        if self.config.encoder == "conv_vae":  # the raw-observation path folds the image normalization in
+            normalized = rearrange(self.obs_encoder.encode_observation(obs, self.normalizer), "b (h a) -> b h a", a=self.action_dim)
+        else:
+            normalized = self._predict_normalized(self.normalizer.normalize_obs(obs))
         return self.normalizer.unnormalize("action", normalized)

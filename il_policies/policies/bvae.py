@@ -21,8 +21,8 @@ masked by `action_is_pad`; obs terms are means over the observation groups (imag
 observations = n_obs_steps frames stacked. Inference: `action = mu_a(E(o))`, no sampling.
 
 A term whose weight is 0 is skipped in training steps and computed without a graph in eval mode, so
-validation reports every term; with only `action_supervised` weighted this is behavior cloning with
-BVAE's encoder (`bc_conv_vae.yaml`), measured on the same terms as BVAE.
+validation reports every term; with only `action_supervised` weighted, E learns as behavior cloning
+with BVAE's encoder would (the baseline itself is the registry's `bc` with `encoder: conv_vae`).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class BVAEPolicy(Policy):
 
     # ---- inference ----------------------------------------------------------------------------
     def _mu(self, obs) -> torch.Tensor:
-        return self.vae.encode(self.vae.pack(self.normalizer.normalize_obs(obs)))[:, : self.latent_dim]
+        return self.vae.encode_observation(obs, self.normalizer)[:, : self.latent_dim]
 
     def _predict_action_chunk(self, obs):
         mu = rearrange(self._mu(obs), "b (h a) -> b h a", a=self.action_dim)

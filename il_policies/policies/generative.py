@@ -1,7 +1,9 @@
-"""What BVAE and VAE+NN share: the observation VAE networks, their options, and generative pictures.
+"""What BVAE and VAE+NN share (and BC with their encoder): the observation VAE networks, their options,
+and generative pictures.
 
 - `GenerativeConfig`: the encoder/decoder options (the `il_policies.nn.conv_vae` family), the scale
   parameterization, the sampling noise scale and the KL schedule.
+- `StackedObservationEncoder`: E alone (what `policy=bc_conv_vae` regresses actions with).
 - `ObservationVAE`: one encoder E and one decoder D for the policy's observations, in normalized
   units. Observations are packed into at most two groups: `image` (every camera and every frame of
   the history stacked along channels, `(B, sum T*C, H, W)`) and `low_dim` (every low-dim key and
@@ -32,6 +34,7 @@ from il_policies.nn.conv_vae import (
     MLPDecoder,
     MLPEncoder,
 )
+from il_policies.nn.cache import WeightCache
 from il_policies.nn.vae import KLSchedule, scale_from_raw
 from il_policies.policies.base import PolicyConfig
 
@@ -58,42 +61,38 @@ class GenerativeConfig(PolicyConfig):
         KLSchedule(**self.kl_schedule)  # refuse a bad schedule now, not at the first step
 
 
-class ObservationVAE(nn.Module):
-    """E: observation pack -> `2 * latent_dim`; D: latent -> (mean pack, raw scale pack)."""
+class StackedObservationEncoder(nn.Module):
+    """E of the conv VAE family over a policy's observations: pack -> `(B, out_dim)`."""
 
-    def __init__(self, config: GenerativeConfig, obs_meta: Mapping[str, Mapping], n_obs_steps: int, latent_dim: int):
+    def __init__(self, obs_meta: Mapping[str, Mapping], n_obs_steps: int, out_dim: int, conv_channels: Sequence[int],
+                 hidden_dim: int, norm: str, mlp_hidden_dims: Sequence[int]):
         super().__init__()
         self.rgb_keys = sorted(k for k, m in obs_meta.items() if m["kind"] == "rgb")
         self.low_dim_keys = sorted(k for k, m in obs_meta.items() if m["kind"] == "low_dim")
         self.obs_meta = {k: {"shape": tuple(obs_meta[k]["shape"]), "kind": obs_meta[k]["kind"]} for k in obs_meta}
         self.n_obs_steps = n_obs_steps
-        self.latent_dim = latent_dim
         self.low_dim = n_obs_steps * sum(int(np.prod(obs_meta[k]["shape"])) for k in self.low_dim_keys)
+        self.arch = dict(channels=tuple(conv_channels), hidden_dim=hidden_dim, norm=norm)
         if self.rgb_keys:
             sizes = {tuple(obs_meta[k]["shape"][1:]) for k in self.rgb_keys}
             if len(sizes) != 1:
                 raise ValueError(f"the conv VAE stacks cameras along channels: they need one image size, got {sorted(sizes)}")
-            (image_size,) = sizes
+            (self.image_size,) = sizes
             self.channels = n_obs_steps * sum(int(obs_meta[k]["shape"][0]) for k in self.rgb_keys)
-            arch = dict(channels=config.conv_channels, hidden_dim=config.hidden_dim, norm=config.norm)
-            self.encoder = ConvImageEncoder(self.channels, image_size, latent_dim, self.low_dim, **arch)
-            self.decoder = ConvImageDecoder(
-                self.channels, image_size, latent_dim, self.low_dim, **arch,
-                upsample_sizes=config.upsample_sizes, output_activation=config.output_activation,
-            )
+            self.encoder = ConvImageEncoder(self.channels, self.image_size, out_dim, self.low_dim, **self.arch)
         else:
-            self.encoder = MLPEncoder(self.low_dim, latent_dim, config.mlp_hidden_dims)
-            self.decoder = MLPDecoder(latent_dim, self.low_dim, config.mlp_hidden_dims)
+            self.encoder = MLPEncoder(self.low_dim, out_dim, mlp_hidden_dims)
+        self._folded_first_conv = WeightCache()
 
     # ---- packing ------------------------------------------------------------------------------
     def pack(self, obs: Mapping[str, torch.Tensor]) -> ObsPack:
         """Normalized `{key: (B, T, *shape)}` -> the E input / D target groups."""
         packed = {}
         if self.rgb_keys:
-            images = [rearrange(obs[k], "b t c h w -> b (t c) h w") for k in self.rgb_keys]
+            images = [obs[k].flatten(1, 2) for k in self.rgb_keys]  # (B, T, C, H, W) -> (B, T*C, H, W), frames stacked
             packed["image"] = images[0] if len(images) == 1 else torch.cat(images, dim=1)
         if self.low_dim_keys:
-            lows = [rearrange(obs[k], "b t ... -> b (t ...)") for k in self.low_dim_keys]
+            lows = [obs[k].flatten(1) for k in self.low_dim_keys]  # (B, T, ...) -> (B, T*...)
             packed["low_dim"] = lows[0] if len(lows) == 1 else torch.cat(lows, dim=-1)
         return packed
 
@@ -115,6 +114,47 @@ class ObservationVAE(nn.Module):
         if self.rgb_keys:
             return self.encoder(packed["image"], packed.get("low_dim"))
         return self.encoder(packed["low_dim"])
+
+    def encode_observation(self, obs: Mapping[str, torch.Tensor], normalizer) -> torch.Tensor:
+        """`encode(pack(normalizer.normalize_obs(obs)))` for raw observations. At inference, a
+        per-channel image normalization is folded into E's first convolution (as BatchNorm is folded
+        at deployment): the image is never normalized pixel by pixel, the costliest step of a batch-1
+        call after the convolution itself. The folded weights are cached until a weight or a
+        statistic changes."""
+        foldable = (self.rgb_keys and not torch.is_grad_enabled() and not normalizer.per_pixel
+                    and self.encoder.starts_with_conv)
+        if not foldable:
+            return self.encode(self.pack(normalizer.normalize_obs(obs)))
+        conv = self.encoder.features[0]
+        affines = [normalizer.affine(key) for key in self.rgb_keys]
+
+        def fold():
+            # Channels are stacked (key, frame, channel): conv((x - c) / s) = conv_{W / s}(x) + b - sum W c / s.
+            center = torch.cat([c.reshape(-1).repeat(self.n_obs_steps) for c, _ in affines])
+            scale = torch.cat([s.reshape(-1).repeat(self.n_obs_steps) for _, s in affines])
+            weight = conv.weight / scale[:, None, None]
+            bias = conv.bias - (conv.weight * (center / scale)[:, None, None]).sum((1, 2, 3))
+            return self.encoder.prepare_first_conv(weight, bias)
+
+        first_conv = self._folded_first_conv.get([conv.weight, conv.bias, *(t for pair in affines for t in pair)], fold)
+        packed = self.pack({key: value if key in self.rgb_keys else normalizer.normalize(key, value) for key, value in obs.items()})
+        return self.encoder(packed["image"], packed.get("low_dim"), first_conv=first_conv)
+
+
+class ObservationVAE(StackedObservationEncoder):
+    """E: observation pack -> `2 * latent_dim`; D: latent -> (mean pack, raw scale pack)."""
+
+    def __init__(self, config: GenerativeConfig, obs_meta: Mapping[str, Mapping], n_obs_steps: int, latent_dim: int):
+        super().__init__(obs_meta, n_obs_steps, 2 * latent_dim, config.conv_channels, config.hidden_dim, config.norm,
+                         config.mlp_hidden_dims)
+        self.latent_dim = latent_dim
+        if self.rgb_keys:
+            self.decoder = ConvImageDecoder(
+                self.channels, self.image_size, latent_dim, self.low_dim, **self.arch,
+                upsample_sizes=config.upsample_sizes, output_activation=config.output_activation,
+            )
+        else:
+            self.decoder = MLPDecoder(latent_dim, self.low_dim, config.mlp_hidden_dims)
 
     def decode(self, latent: torch.Tensor) -> tuple[ObsPack, ObsPack]:
         """-> (mean pack, raw scale pack)."""

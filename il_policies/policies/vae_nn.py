@@ -82,7 +82,7 @@ class VAENNPolicy(Policy):
         return loss, {**{name: value.item() for name, value in terms.items()}, "kl_weight": float(beta)}
 
     def _predict_action_chunk(self, obs):
-        mu = self.vae.encode(self.vae.pack(self.normalizer.normalize_obs(obs)))[:, : self.latent_dim]
+        mu = self.vae.encode_observation(obs, self.normalizer)[:, : self.latent_dim]
         return self.normalizer.unnormalize("action", rearrange(self.head(mu), "b (h a) -> b h a", a=self.action_dim))
 
     @torch.no_grad()

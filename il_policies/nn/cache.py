@@ -1,0 +1,25 @@
+"""Values derived from weights (folded convolutions, weights-only activations), kept between
+inference calls and rebuilt as soon as a source tensor changes.
+
+A tensor changes either in place (an optimizer step, `load_state_dict`: its `_version` grows) or by
+being replaced (`.to(device)`, a new Parameter: its storage moves), so the key is both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+
+class WeightCache:
+    def __init__(self):
+        self._key: tuple | None = None
+        self._value: Any = None
+
+    def get(self, sources: Iterable[torch.Tensor], compute: Callable[[], Any]) -> Any:
+        key = tuple((t.data_ptr(), t._version) for t in sources)
+        if key != self._key:
+            self._value, self._key = compute(), key
+        return self._value
