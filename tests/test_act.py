@@ -225,8 +225,8 @@ def test_cls_only_last_layer_equals_full_encoder():
 
 
 def test_inference_shortcuts_equal_the_general_path_and_follow_weight_changes():
-    """Folded BatchNorm, cached zero-target decoder prefix and oneDNN linears (no-grad only) vs the
-    autograd path, before and after an in-place weight update."""
+    """Folded BatchNorm, prepacked oneDNN convolutions and linears, cached zero-target decoder prefix
+    (no-grad only) vs the autograd path, before and after in-place weight updates, at two batch sizes."""
     meta = {"obs": {"agent_pos": {"shape": (4,), "kind": "low_dim"}, "image": {"shape": (3, 40, 40), "kind": "rgb"}},
             "action": {"shape": (5,)}}
     policy = make(meta, backbone="resnet18").eval()
@@ -234,8 +234,9 @@ def test_inference_shortcuts_equal_the_general_path_and_follow_weight_changes():
         if hasattr(m, "running_var"):
             m.running_var.uniform_(0.5, 2.0)
             m.running_mean.normal_(0.0, 0.2)
-    obs = random_batch(meta)["obs"]
-    for _ in range(2):
+    batch = random_batch(meta)["obs"]
+    for round_ in range(3):
+        obs = batch if round_ < 2 else {key: value[:1] for key, value in batch.items()}  # a new input shape repacks
         general = policy._predict_action_chunk(obs)  # autograd on: no shortcut taken
         with torch.inference_mode():
             fast = policy._predict_action_chunk(obs)
@@ -243,6 +244,8 @@ def test_inference_shortcuts_equal_the_general_path_and_follow_weight_changes():
         with torch.no_grad():  # as an optimizer step would
             policy.backbone.body[4][0].conv1.weight.mul_(1.5)
             policy.decoder.layers[0].cross_attn.in_proj_bias.add_(0.3)
+            policy.encoder.layers[0].self_attn.in_proj_weight.mul_(1.2)
+            policy.encoder.layers[1].linear1.weight.add_(0.01)
             policy.query_pos.weight.add_(0.3)
 
 

@@ -18,8 +18,9 @@ class WeightCache:
         self._key: tuple | None = None
         self._value: Any = None
 
-    def get(self, sources: Iterable[torch.Tensor], compute: Callable[[], Any]) -> Any:
-        key = tuple((t.data_ptr(), t._version) for t in sources)
+    def get(self, sources: Iterable[torch.Tensor], compute: Callable[[], Any], extra: Any = None) -> Any:
+        """`compute()`, or its value from the last call if no source changed (nor `extra`, e.g. a shape)."""
+        key = (extra, *((t.data_ptr(), t._version) for t in sources))
         if key != self._key:
             self._value, self._key = compute(), key
         return self._value

@@ -6,13 +6,15 @@
   statistics and affine terms stay fixed, as DETR and ACT do); `False` trains ordinary BatchNorm.
   Runs in channels_last memory format (oneDNN's fast convolution layout on CPUs). Without autograd
   (inference) and with frozen BatchNorm, each BatchNorm is folded into its convolution's weight and
-  bias (the same affine map, one pass fewer per layer); the folded copy is rebuilt whenever a weight
-  or statistic changes.
+  bias (the same affine map, one pass fewer per layer), and on a CPU the folded weights are
+  prepacked into oneDNN's layout with ReLU fused in; the folded and packed copies are rebuilt
+  whenever a weight or statistic (or, for the packed ones, the input shape) changes.
 - `ConvBackbone`: a few strided 3x3 convolutions with GroupNorm, for quick CPU runs.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,6 +52,7 @@ class ResNetBackbone(nn.Module):
         if channels_last:
             self.body.to(memory_format=torch.channels_last)
         self._folded = WeightCache()
+        self._packed = WeightCache()
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -85,23 +88,64 @@ class ResNetBackbone(nn.Module):
 
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
         folded = self._fold()
+        if _onednn_packed_conv() and x.device.type == "cpu" and x.dtype == torch.float32:
+            return self._walk(x, self._packed_conv(folded, tuple(x.shape)))
+        return self._walk(x, functools.partial(_folded_conv, folded))
 
-        def conv(module, inp):
-            weight, bias = folded[module]
-            return F.conv2d(inp, weight, bias, module.stride, module.padding, module.dilation, module.groups)
+    def _packed_conv(self, folded: dict, input_shape: tuple):
+        """Batch-1 CPU inference: every folded weight prepacked into oneDNN's layout for its input size
+        (the layer3/layer4 convolutions on 6x6 and 3x3 maps run 1.4-3x faster than with a reorder at each
+        call), ReLU fused into the convolution. Rebuilt when a weight or the input shape changes."""
+        def pack() -> dict:
+            sizes = {}
 
-        x = self.body[3](F.relu_(conv(self.body[0], x)))  # stem: conv, bn, relu, maxpool
+            def record(conv, x, relu):
+                sizes[conv] = list(x.shape)
+                return _folded_conv(folded, conv, x, relu)
+
+            self._walk(torch.zeros(input_shape).contiguous(memory_format=torch.channels_last), record)
+            return {conv: (torch._C._nn.mkldnn_reorder_conv2d_weight(weight.contiguous().to_mkldnn(), list(conv.padding),
+                                                                      list(conv.stride), list(conv.dilation), conv.groups, sizes[conv]), bias)
+                    for conv, (weight, bias) in folded.items()}
+
+        packed = self._packed.get([*self.body.parameters(), *self.body.buffers()], pack, extra=input_shape)
+
+        def conv(module, x, relu):
+            weight, bias = packed[module]
+            return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(module.padding), list(module.stride),
+                                                           list(module.dilation), module.groups, "relu" if relu else "none", [], "")
+        return conv
+
+    def _walk(self, x: torch.Tensor, conv) -> torch.Tensor:
+        """The network with BatchNorm folded: `conv(module, x, relu)` runs a convolution (+ its BN, + ReLU)."""
+        x = self.body[3](conv(self.body[0], x, True))  # stem: conv, bn, relu, maxpool
         for layer in self.body[4:]:
             for block in layer:
                 n = 3 if hasattr(block, "conv3") else 2
                 out = x
                 for i in range(1, n + 1):
-                    out = conv(getattr(block, f"conv{i}"), out)
-                    if i < n:
-                        out = F.relu_(out)
-                identity = conv(block.downsample[0], x) if block.downsample is not None else x
+                    out = conv(getattr(block, f"conv{i}"), out, i < n)
+                identity = conv(block.downsample[0], x, False) if block.downsample is not None else x
                 x = F.relu_(out.add_(identity))
         return x
+
+
+def _folded_conv(folded: dict, module: nn.Conv2d, x: torch.Tensor, relu: bool) -> torch.Tensor:
+    weight, bias = folded[module]
+    out = F.conv2d(x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
+    return F.relu_(out) if relu else out
+
+
+@functools.cache
+def _onednn_packed_conv() -> bool:
+    """Whether this torch build has oneDNN's prepacked convolution (and it computes a convolution)."""
+    try:
+        x, w = torch.ones(1, 2, 3, 3).contiguous(memory_format=torch.channels_last), torch.ones(4, 2, 1, 1)
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), [0, 0], [1, 1], [1, 1], 1, [1, 2, 3, 3])
+        out = torch.ops.mkldnn._convolution_pointwise(x, packed, None, [0, 0], [1, 1], [1, 1], 1, "none", [], "")
+        return bool(torch.equal(out, torch.full((1, 4, 3, 3), 2.0)))
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class ConvBackbone(nn.Module):
