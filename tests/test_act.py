@@ -224,6 +224,25 @@ def test_cls_only_last_layer_equals_full_encoder():
     torch.testing.assert_close(encoder(x, pos, mask, n_outputs=1), encoder(x, pos, mask)[:, :1])
 
 
+@pytest.mark.parametrize("attn_dropout", [0.0, 0.3])
+def test_few_query_attention_reassociation_is_exact_with_gradients(attn_dropout):
+    torch.manual_seed(0)
+    attn = MultiheadAttention(16, 4, dropout=attn_dropout).train()
+    query, key, value = torch.randn(3, 12, 16), torch.randn(3, 12, 16), torch.randn(3, 12, 16)
+    mask = torch.zeros(3, 12, dtype=torch.bool)
+    mask[1, 7:] = True
+    outputs, grads = [], []
+    for fast in (True, False):  # n_queries=1 over 12 keys takes the reassociated path; a sliced query the general one
+        torch.manual_seed(1)  # the same attention-dropout mask for both
+        out = attn(query, key, value, mask, n_queries=1) if fast else attn(query[:, :1], key, value, mask)
+        weights = [attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight]
+        outputs.append(out)
+        grads.append(torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), weights))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    for fast_grad, general_grad in zip(*grads):
+        torch.testing.assert_close(fast_grad, general_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_inference_shortcuts_equal_the_general_path_and_follow_weight_changes():
     """Folded BatchNorm, prepacked oneDNN convolutions and linears, cached zero-target decoder prefix
     (no-grad only) vs the autograd path, before and after in-place weight updates, at two batch sizes."""
