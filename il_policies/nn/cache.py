@@ -17,10 +17,12 @@ class WeightCache:
     def __init__(self):
         self._key: tuple | None = None
         self._value: Any = None
+        self.generation = 0  # counts recomputations: a key for values derived from this one
 
     def get(self, sources: Iterable[torch.Tensor], compute: Callable[[], Any], extra: Any = None) -> Any:
         """`compute()`, or its value from the last call if no source changed (nor `extra`, e.g. a shape)."""
         key = (extra, *((t.data_ptr(), t._version) for t in sources))
         if key != self._key:
             self._value, self._key = compute(), key
+            self.generation += 1
         return self._value
