@@ -10,9 +10,9 @@
   `nn.MultiheadAttention`'s (q, k, v rows).
 - On a CPU the linear layers' forward products run through oneDNN's fp32 matmul (`linear`; ReLU fused
   at inference): 1.2-2x faster than the default BLAS call for the few-row products of batch-1
-  inference, ~1.1-1.3x for the training shapes. At inference the weights are prepacked once into
-  oneDNN's layout (`prepack`, cached until a weight changes): 1.5x faster again for 11 rows. Same
-  math, same precision.
+  inference; for the training shapes 1.1-1.3x in one session, level with MKL in another. At
+  inference the weights are prepacked once into oneDNN's layout (`prepack`, cached until a weight
+  changes): 1.5x faster again for 11 rows. Same math, same precision.
 - Dropout masks are drawn as `uniform >= p` (`dropout`): the same Bernoulli masks, a faster generator.
 - Work whose result is unused or fixed is skipped, exactly: `TransformerEncoder(n_outputs=1)` computes
   only the first position in its last layer; the decoder's first self-attention over its zero target
