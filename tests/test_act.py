@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from il_policies import make_policy
 from il_policies.nn.temporal_ensemble import TemporalEnsembler, offline_temporal_ensemble
-from il_policies.nn.transformer import MultiheadAttention, TransformerEncoder, dropout, linear, sinusoidal_1d, sinusoidal_2d
+from il_policies.nn.transformer import MultiheadAttention, TransformerEncoder, bernoulli_keep_mask, dropout, linear, sinusoidal_1d, sinusoidal_2d
 from il_policies.nn.vae import gaussian_kl, reparameterize
 from il_policies.nn.vision import ResNetBackbone
 from tests.conftest import make_cfg
@@ -203,6 +203,14 @@ def test_dropout_and_linear_helpers():
     assert abs(kept.float().mean().item() - 0.9) < 0.005
     torch.testing.assert_close(y[kept], x[kept] / 0.9)
     assert dropout(x, 0.1, False) is x
+    # The masks follow torch's generator (manual_seed, checkpointed RNG states), and each call draws anew.
+    torch.manual_seed(3)
+    first, second = bernoulli_keep_mask((7, 9, 5), 0.3, torch.float32), bernoulli_keep_mask((7, 9, 5), 0.3, torch.float32)
+    torch.manual_seed(3)
+    assert torch.equal(bernoulli_keep_mask((7, 9, 5), 0.3, torch.float32), first)
+    assert not torch.equal(first, second)
+    torch.testing.assert_close(first.unique(), torch.tensor([0.0, 1 / 0.7]))
+    assert abs((bernoulli_keep_mask((1001, 999), 0.3, torch.float32) > 0).float().mean().item() - 0.7) < 0.003
     w, b = torch.randn(7, 500, requires_grad=True), torch.randn(7, requires_grad=True)
     xg = x[:30].clone().requires_grad_()
     out = linear(xg.view(3, 10, 500), w, b, relu=True)

@@ -12,6 +12,7 @@ import torch
 from il_policies import load_policy
 from il_policies.checkpoint import read_checkpoint
 from il_policies.training import NonFiniteLossError, Workspace
+from il_policies.training.workspace import clip_grad_norm
 from il_policies.training.distributed import DistributedContext, GlobalBatchOrder
 from tests.conftest import REPO, make_cfg
 
@@ -23,6 +24,20 @@ def test_bc_overfits_a_small_store(linear_store, tmp_path):
     cfg = make_cfg([*BC_SMALL, f"task.dataset_path={linear_store}", "training.steps=600", "training.batch_size=32", "data.val_ratio=0"])
     summary = Workspace(cfg, tmp_path).run()
     assert summary["train/loss"] < 0.02, summary
+
+
+@pytest.mark.parametrize("scale", [0.01, 100.0])
+def test_gradient_clipping_equals_torch_bit_for_bit(scale):
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(50, 30)) for _ in range(4)] + [torch.nn.Parameter(torch.randn(3))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for p, q in zip(ours[:-1], theirs[:-1]):  # the last parameter has no gradient
+        p.grad = torch.randn_like(p) * scale
+        q.grad = p.grad.clone()
+    assert torch.equal(clip_grad_norm(ours, 10.0), torch.nn.utils.clip_grad_norm_(theirs, 10.0))
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(ours[:-1], theirs[:-1]))
+    norm = torch.cat([p.grad.flatten() for p in ours[:-1]]).norm()
+    assert (norm <= 10.0 * (1 + 1e-5)) and (scale < 1 or norm > 9.99)  # clipped exactly when over the bound
 
 
 def _params(policy) -> dict[str, torch.Tensor]:

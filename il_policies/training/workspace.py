@@ -54,6 +54,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_`, without its multiply of every gradient by a coefficient that
+    is exactly 1 when the norm is within bounds (there to avoid a device sync; on a CPU it is a full
+    read and write of the gradients, ~2 % of an ACT step). Returns the total norm before clipping."""
+    parameters = [p for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    if total > max_norm:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+    return total
+
+
 class Workspace:
     def __init__(self, cfg: DictConfig, output_dir: str | Path):
         self.cfg = cfg
@@ -235,7 +246,7 @@ class Workspace:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.training.grad_clip)
+        grad_norm = clip_grad_norm(self.policy.parameters(), self.cfg.training.grad_clip)
         self.optimizer.step()
         self.lr_scheduler.step()
         if self.ema is not None:
