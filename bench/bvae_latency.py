@@ -89,7 +89,7 @@ def main() -> None:
                 return model.select_action(step)
 
             def network():
-                return model._predict_action_chunk(prepared)
+                return model._run_network(prepared)  # as select_action runs it (small ops on one thread)
 
             cases = {"select_action": select, "network": network}
             for fn in cases.values():

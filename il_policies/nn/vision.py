@@ -25,6 +25,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from il_policies.nn.cache import WeightCache
+from il_policies.nn.threads import wide
 
 
 class ResNetBackbone(nn.Module):
@@ -122,9 +123,10 @@ class ResNetBackbone(nn.Module):
         def conv(module, x, relu, residual=None):
             weight, bias = packed[module]
             args = (list(module.padding), list(module.stride), list(module.dilation), module.groups)
-            if residual is not None:  # relu(conv(x) + residual) in one pass
-                return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, weight, bias, *args, "add", None, "relu", [], "")
-            return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, "relu" if relu else "none", [], "")
+            with wide():
+                if residual is not None:  # relu(conv(x) + residual) in one pass
+                    return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, weight, bias, *args, "add", None, "relu", [], "")
+                return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, "relu" if relu else "none", [], "")
         return conv
 
     def _walk(self, x: torch.Tensor, conv) -> torch.Tensor:
@@ -144,7 +146,8 @@ class ResNetBackbone(nn.Module):
 
 def _folded_conv(folded: dict, module: nn.Conv2d, x: torch.Tensor, relu: bool, residual=None) -> torch.Tensor:
     weight, bias = folded[module]
-    out = F.conv2d(x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
+    with wide():
+        out = F.conv2d(x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
     if residual is not None:
         out = out.add_(residual)
     return F.relu_(out) if relu else out

@@ -224,5 +224,5 @@ class ACTPolicy(Policy):
         if self.ensembler is None:
             return super().select_action(obs)
         _, batched, as_numpy = self._observe(obs)  # temporal ensembling: a new chunk every step
-        action = self.ensembler.update(self._predict_action_chunk(self._stacked_history()))
+        action = self.ensembler.update(self._run_network(self._stacked_history()))
         return self._deliver(action, batched, as_numpy)
