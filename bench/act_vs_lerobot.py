@@ -15,6 +15,10 @@ over `optim_groups()`, lr 1e-5, weight decay 1e-4, grad clip 10, cosine schedule
     training step   forward + backward + clip + optimizer step (+ zero_grad), median
     model call      policy.reset(); select_action(obs)  (the network runs), median
 
+Ratios: the median of all of ours over the median of all of LeRobot's, and (`*_paired_*`) the
+ratio within each round, its median and range over the rounds: the host's speed drifts by up to
+~1.5x within a minute, and the two models inside one round are timed seconds apart.
+
 `--check` first loads LeRobot's weights into our model and compares the outputs (same function).
 Prints a table and, last, one JSON line.
 """
@@ -345,12 +349,15 @@ def main():
         checker.close()
         dump.unlink()
     times = {k: {"train": [], "infer": [], "queue": []} for k in workers}
+    per_round = {k: {"train": [], "infer": []} for k in workers}  # each round's median, for paired ratios
     for r in range(args.rounds):
         order = list(workers) if r % 2 == 0 else list(reversed(workers))
         for kind in ("train", "infer"):
             for k in order:
                 n = args.train_steps if kind == "train" else args.infer_calls
-                times[k][kind] += workers[k](kind, n=n)["times"]
+                got = workers[k](kind, n=n)["times"]
+                times[k][kind] += got
+                per_round[k][kind].append(statistics.median(got))
         for k in order:
             times[k]["queue"] += workers[k]("queue", n=5)["times"]
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(
@@ -374,6 +381,12 @@ def main():
     if "lerobot" in summary:
         result["ratios"] = {"train_step": round(summary["ours"]["train_step_ms"] / summary["lerobot"]["train_step_ms"], 3),
                             "model_call": round(summary["ours"]["model_call_ms"] / summary["lerobot"]["model_call_ms"], 3)}
+        # The host's speed drifts within a run: the ratio within each round (the two models timed minutes
+        # apart at most) is the paired estimate; its median and range over the rounds.
+        for kind, key in (("train", "train_step"), ("infer", "model_call")):
+            paired = [o / p for o, p in zip(per_round["ours"][kind], per_round["lerobot"][kind])]
+            result["ratios"][f"{key}_paired_median"] = round(statistics.median(paired), 3)
+            result["ratios"][f"{key}_paired_range"] = [round(min(paired), 3), round(max(paired), 3)]
         if "lerobot_fused" in summary:
             result["ratios"]["train_step_vs_lerobot_fused_adamw"] = round(
                 summary["ours"]["train_step_ms"] / summary["lerobot_fused"]["train_step_ms"], 3)
