@@ -4,8 +4,8 @@
 State 14, one 3x96x96 camera, action 14, chunk 100, ResNet18 (random init, frozen BatchNorm),
 d_model 512, batch 8 training steps and batch-1 `select_action`, fp32, 2 threads, OMP_WAIT_POLICY=PASSIVE.
 
-Both models run in worker subprocesses that this script drives in alternation (ours, LeRobot, ours,
-...), so that both see the same machine load: ours with this interpreter, LeRobot's with the peer venv
+Both models run in worker subprocesses that this script drives in turn (the order rotates every round,
+so each worker runs in every place and after every other), so that both see the same machine load: ours with this interpreter, LeRobot's with the peer venv
 (`--peer-python`, default /work/peer-venv/bin/python; see /work/shared/bench/README.md). LeRobot's
 policy, batches and training step come from peer_lerobot.py itself (its AdamW, non-fused, as its
 training script; `--peer-fused` adds a LeRobot row with the fused AdamW our Workspace uses). Ours is
@@ -324,7 +324,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=5, help="alternation rounds")
     ap.add_argument("--train-steps", type=int, default=4, help="training steps per worker per round")
     ap.add_argument("--infer-calls", type=int, default=10, help="model-running select_action calls per worker per round")
-    ap.add_argument("--peer-fused", action="store_true", help="also run LeRobot with fused AdamW")
+    ap.add_argument("--peer-fused", action="store_true",
+                    help="also run LeRobot with fused AdamW (a second LeRobot process speeds up the first: see bench/ACT.md)")
     ap.add_argument("--check", action="store_true", help="load LeRobot's weights into ours and compare outputs")
     ap.add_argument("--out", help="write the JSON result here too")
     args = ap.parse_args()
@@ -350,8 +351,15 @@ def main():
         dump.unlink()
     times = {k: {"train": [], "infer": [], "queue": []} for k in workers}
     per_round = {k: {"train": [], "infer": []} for k in workers}  # each round's median, for paired ratios
+    names = list(workers)
     for r in range(args.rounds):
-        order = list(workers) if r % 2 == 0 else list(reversed(workers))
+        # Every worker takes every place in the order, after every other worker: with three workers a plain
+        # forward/backward alternation left LeRobot's always in the middle, and that place alone ran 5-9 %
+        # faster (its non-fused AdamW beat the fused one in all three such runs).
+        turn = r % len(names)
+        order = names[turn:] + names[:turn]
+        if (r // len(names)) % 2:
+            order.reverse()
         for kind in ("train", "infer"):
             for k in order:
                 n = args.train_steps if kind == "train" else args.infer_calls

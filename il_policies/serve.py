@@ -1,7 +1,7 @@
 """Serve a checkpoint to robot clients: `python -m il_policies.serve checkpoint=PATH [host=127.0.0.1] [port=8765]`.
 
 Binds to loopback unless `host=` says otherwise. Options: device=cpu|cuda, max_message_mb=16, compile=false,
-num_threads=null (torch CPU threads; 1 for the small networks, see `load_policy`).
+num_threads=null (torch CPU threads, see `load_policy`).
 """
 
 import asyncio
