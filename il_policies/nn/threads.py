@@ -8,8 +8,8 @@ and ResNet convolutions: 1.3-2x). So inference runs inside `small_ops_on_one_thr
 products worth it ask for the caller's threads back with `wide()`; both are no-ops outside it,
 with one thread, or with autograd on (training keeps every thread for everything).
 
-`torch.set_num_threads` is per calling thread under OpenMP and costs ~0.1 µs, so the switches are
-free next to what they save. The state is thread-local: each server worker thread has its own.
+`torch.set_num_threads` costs ~0.1 µs, so the switches are free next to what they save. The state
+is thread-local: each server worker thread has its own.
 """
 
 from __future__ import annotations

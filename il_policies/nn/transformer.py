@@ -110,8 +110,8 @@ def bernoulli_keep_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torc
 
     The bits come from numpy's PCG64 seeded by one draw from torch's generator, so the masks follow
     `torch.manual_seed` and checkpointed RNG states exactly as torch's own draws do. Torch's CPU
-    generator (mt19937, one thread) takes ~7 ns per uniform; PCG64 gives two 32-bit words per ~2 ns,
-    which took ACT's dropout from ~7 % of a training step to ~2 %. A word u is kept when u >= p * 2^32
+    generator (mt19937, one thread) takes ~7 ns per uniform; PCG64 gives two 32-bit words per ~2 ns
+    (an 816 x 3200 mask: 9 instead of 30 ms; ACT's training step ~8 % faster). A word u is kept when u >= p * 2^32
     (compared as int32, shifted by 2^31): the keep probability is exact to 2^-32 (torch's float
     uniform: 2^-24).
     """
