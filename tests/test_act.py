@@ -276,6 +276,17 @@ def test_inference_shortcuts_equal_the_general_path_and_follow_weight_changes():
             policy.query_pos.weight.add_(0.3)
 
 
+@pytest.mark.slow
+def test_compiled_resnet_inference_equals_the_folded_eager_path():
+    torch.manual_seed(0)
+    backbone = ResNetBackbone("resnet18").eval()
+    image = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        eager = backbone(image)  # BatchNorm folded, prepacked oneDNN convolutions
+        compiled = torch.compile(backbone)(image)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
 def test_backbone_weights_file_and_batchnorm_option(tmp_path):
     import torchvision
 

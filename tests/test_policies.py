@@ -61,6 +61,21 @@ def test_train_save_load_identical_actions(name, store_fixture, request, tmp_pat
     assert loaded.select_action(step_obs).shape == (1, dataset.shape_meta["action"]["shape"][0])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CONFIGS)
+def test_load_policy_with_compile_gives_the_eager_actions(name, image_store, tmp_path):
+    # The eager inference shortcuts (prepacked oneDNN weights, weight caches, thread switches) step aside
+    # under torch.compile, whose graph does that work itself; the actions must not change.
+    cfg = make_cfg([*small_overrides(name), f"task.dataset_path={image_store}", "training.steps=2", "training.batch_size=8"])
+    workspace = Workspace(cfg, tmp_path)
+    workspace.run()
+    eager = load_policy(tmp_path / "checkpoints" / "latest.pt")
+    compiled = load_policy(tmp_path / "checkpoints" / "latest.pt", compile=True)
+    dataset = workspace.dataset
+    step_obs = {key: torch.as_tensor(value[-1])[None] for key, value in dataset[3]["obs"].items()}
+    torch.testing.assert_close(compiled.predict_action_chunk(step_obs), eager.predict_action_chunk(step_obs), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_loss_is_finite_and_backpropagates(name, image_store):
     dataset = SequenceDataset.from_store(image_store, n_obs_steps=2, horizon=4)

@@ -20,7 +20,10 @@ class WeightCache:
         self.generation = 0  # counts recomputations: a key for values derived from this one
 
     def get(self, sources: Iterable[torch.Tensor], compute: Callable[[], Any], extra: Any = None) -> Any:
-        """`compute()`, or its value from the last call if no source changed (nor `extra`, e.g. a shape)."""
+        """`compute()`, or its value from the last call if no source changed (nor `extra`, e.g. a shape).
+        Under `torch.compile` always `compute()`: the compiled graph derives the values itself."""
+        if torch.compiler.is_compiling():
+            return compute()
         key = (extra, *((t.data_ptr(), t._version) for t in sources))
         if key != self._key:
             self._value, self._key = compute(), key

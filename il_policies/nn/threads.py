@@ -41,7 +41,7 @@ def small_ops_on_one_thread():
 @contextlib.contextmanager
 def wide():
     """Inside `small_ops_on_one_thread()`: the caller's thread count for this block (a large product)."""
-    threads = getattr(_state, "threads", None)
+    threads = None if torch.compiler.is_compiling() else getattr(_state, "threads", None)
     if threads is None:
         yield
         return

@@ -70,8 +70,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`F.linear` (then ReLU when `relu`). On a CPU in fp32 the forward product is oneDNN's matmul
     (ReLU fused at inference, where `weight` may be a `prepack`ed copy); the backward is the same
     BLAS products as F.linear's."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not _onednn_linear():
-        out = F.linear(x, weight, bias)
+    if torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != torch.float32 or not _onednn_linear():
+        out = F.linear(x, weight, bias)  # (inductor packs and fuses compiled products itself)
         return F.relu(out) if relu else out
     if not torch.is_grad_enabled():
         x = x.contiguous()
@@ -86,8 +86,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def prepacking(weight: torch.Tensor) -> bool:
-    """Whether inference runs `weight`'s products with a oneDNN-prepacked copy (CPU, fp32, no autograd)."""
-    return not torch.is_grad_enabled() and weight.device.type == "cpu" and weight.dtype == torch.float32 and _onednn_linear()
+    """Whether inference runs `weight`'s products with a oneDNN-prepacked copy (CPU, fp32, no autograd,
+    not under torch.compile)."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and weight.device.type == "cpu" and weight.dtype == torch.float32 and _onednn_linear()
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor:

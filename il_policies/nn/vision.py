@@ -59,8 +59,8 @@ class ResNetBackbone(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        if self.frozen_bn and not torch.is_grad_enabled():
-            return self._forward_folded(image)
+        if self.frozen_bn and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self._forward_folded(image)  # (a compiled graph folds BatchNorm itself)
         return self.body(image)
 
     # ---- inference with BatchNorm folded into the convolutions -----------------------------------
