@@ -22,6 +22,8 @@ def test_small_ops_run_on_one_thread_and_wide_products_on_all(two_threads):
             assert torch.get_num_threads() == 1
             with wide():
                 assert torch.get_num_threads() == 2
+            with wide(worth_it=False):  # a product too small to gain from a second thread
+                assert torch.get_num_threads() == 1
             assert torch.get_num_threads() == 1
             with small_ops_on_one_thread():  # nested: still one thread, and wide() still knows the caller's count
                 with wide():

@@ -39,9 +39,10 @@ def small_ops_on_one_thread():
 
 
 @contextlib.contextmanager
-def wide():
-    """Inside `small_ops_on_one_thread()`: the caller's thread count for this block (a large product)."""
-    threads = None if torch.compiler.is_compiling() else getattr(_state, "threads", None)
+def wide(worth_it: bool = True):
+    """Inside `small_ops_on_one_thread()` and when `worth_it`: the caller's thread count for this block
+    (a large product)."""
+    threads = None if not worth_it or torch.compiler.is_compiling() else getattr(_state, "threads", None)
     if threads is None:
         yield
         return

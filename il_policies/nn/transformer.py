@@ -75,9 +75,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.relu(out) if relu else out
     if not torch.is_grad_enabled():
         x = x.contiguous()
-        if x.numel() * weight.shape[0] < _WIDE_PRODUCT:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
-        with wide():
+        with wide(x.numel() * weight.shape[0] >= _WIDE_PRODUCT):
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
     flat = x.reshape(-1, x.shape[-1])
     out = _OneDNNLinear.apply(flat if flat.is_contiguous() else flat.contiguous(), weight, bias)
