@@ -26,6 +26,15 @@ def test_bc_overfits_a_small_store(linear_store, tmp_path):
     assert summary["train/loss"] < 0.02, summary
 
 
+def test_gradient_clipping_scales_a_norm_exactly_at_the_bound_as_torch_does():
+    # torch's coefficient is max_norm / (norm + 1e-6): a norm of exactly the bound is scaled by 1 - 1e-7.
+    ours, theirs = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    ours.grad, theirs.grad = torch.tensor([10.0]), torch.tensor([10.0])
+    clip_grad_norm([ours], 10.0)
+    torch.nn.utils.clip_grad_norm_([theirs], 10.0)
+    assert torch.equal(ours.grad, theirs.grad) and theirs.grad.item() < 10.0
+
+
 @pytest.mark.parametrize("scale", [0.01, 100.0])
 def test_gradient_clipping_equals_torch_bit_for_bit(scale):
     torch.manual_seed(0)

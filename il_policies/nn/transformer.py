@@ -86,7 +86,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def prepacking(weight: torch.Tensor) -> bool:
     """Whether inference runs `weight`'s products with a oneDNN-prepacked copy (CPU, fp32, no autograd,
     not under torch.compile)."""
-    return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and weight.device.type == "cpu" and weight.dtype == torch.float32 and _onednn_linear()
+    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and weight.device.type == "cpu"
+            and weight.dtype == torch.float32 and _onednn_linear())
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor:
@@ -110,9 +111,9 @@ def bernoulli_keep_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torc
     The bits come from numpy's PCG64 seeded by one draw from torch's generator, so the masks follow
     `torch.manual_seed` and checkpointed RNG states exactly as torch's own draws do. Torch's CPU
     generator (mt19937, one thread) takes ~7 ns per uniform; PCG64 gives two 32-bit words per ~2 ns
-    (an 816 x 3200 mask: 9 instead of 30 ms; ACT's training step ~8 % faster). A word u is kept when u >= p * 2^32
-    (compared as int32, shifted by 2^31): the keep probability is exact to 2^-32 (torch's float
-    uniform: 2^-24).
+    (an 816 x 3200 mask: 9 instead of 30 ms; ACT's training step ~8 % faster). A word u is kept when
+    u >= p * 2^32 (compared as int32, shifted by 2^31): the keep probability is exact to 2^-32
+    (torch's float uniform: 2^-24).
     """
     numel = math.prod(shape)
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))

@@ -60,7 +60,9 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     read and write of the gradients, 206 MB for ACT). Returns the total norm before clipping."""
     parameters = [p for p in parameters if p.grad is not None]
     total = torch.nn.utils.get_total_norm([p.grad for p in parameters])
-    if total > max_norm:
+    # torch's own coefficient, so that exactly the steps torch scales are scaled (a norm just under the
+    # bound is, through the 1e-6; a NaN norm too).
+    if not torch.clamp(max_norm / (total + 1e-6), max=1.0) == 1.0:
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
     return total
 
