@@ -60,7 +60,7 @@ def _flops(fn) -> float:
 
 
 class OursWorker:
-    def __init__(self):
+    def __init__(self, accel: bool):
         import torch
         from types import SimpleNamespace
 
@@ -75,6 +75,10 @@ class OursWorker:
                 "action": {"shape": (ACTION,)}}
         self.torch, self.meta = torch, meta
         self.policy = policy = make_policy({"name": "act"}, meta)
+        if accel:
+            from il_policies.accel import accelerate
+
+            accelerate(policy)
         # Exactly the Workspace's optimizer and step (Workspace._build / Workspace._train_step).
         optimizer = torch.optim.AdamW(policy.optim_groups(), lr=policy.config.lr, weight_decay=policy.config.weight_decay, fused=True)
         self.shim = SimpleNamespace(
@@ -112,17 +116,6 @@ class OursWorker:
         return _timed(lambda: self.policy.select_action(self.obs()), n)
 
     def info(self):
-        import il_policies.nn.transformer as transformer
-
-        torch, policy = self.torch, self.policy
-        # FlopCounterMode counts aten matmuls only: count with the plain F.linear path (same products).
-        onednn, transformer._onednn_linear = transformer._onednn_linear, lambda: False
-        try:
-            return self._info()
-        finally:
-            transformer._onednn_linear = onednn
-
-    def _info(self):
         torch, policy = self.torch, self.policy
         policy.train()
         batch = self.batch(8)
@@ -154,7 +147,9 @@ class OursWorker:
         chunk = ours.predict_action_chunk(obs)  # unfitted normalizer = identity, as the peer's normalized inputs
         nobs = {k: v for k, v in obs.items()}
         for m in ours.modules():  # dropout off, training mode: the CVAE encoder runs
-            if hasattr(m, "dropout") and isinstance(m.dropout, float):
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+            if isinstance(m, torch.nn.MultiheadAttention):
                 m.dropout = 0.0
         ours.train()
         with torch.no_grad():
@@ -187,8 +182,6 @@ def map_lerobot_state(theirs, ours_state):
             if new is None:
                 continue  # LeRobot's normalization buffers, if any
             new = new.replace(".multihead_attn.", ".cross_attn.")
-        if new == "image_proj.weight":
-            value = value.flatten(1)
         if new in ours_state:
             out[new] = value
     for name, value in ours_state.items():  # our normalizer / bounds buffers keep their values
@@ -268,7 +261,7 @@ def worker_main(kind: str):
     import torch
 
     torch.set_num_threads(2)
-    worker = OursWorker() if kind == "ours" else PeerWorker(fused=kind == "lerobot_fused")
+    worker = OursWorker(accel=kind == "ours_accel") if kind.startswith("ours") else PeerWorker(fused=kind == "lerobot_fused")
     worker.train(2)  # warm-up
     worker.infer(2)
     print(json.dumps({"ready": True}), flush=True)
@@ -334,7 +327,7 @@ def main():
 
     t0 = time.perf_counter()
     peer_ok = Path(args.peer_python).exists()
-    workers = {"ours": Worker(sys.executable, "ours")}
+    workers = {"ours": Worker(sys.executable, "ours"), "ours_accel": Worker(sys.executable, "ours_accel")}
     if peer_ok:
         workers["lerobot"] = Worker(args.peer_python, "lerobot")
         if args.peer_fused:

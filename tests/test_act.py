@@ -1,4 +1,4 @@
-"""ACT: shapes, masking, the KL term, temporal ensembling, decoder depth, the exact inference shortcuts."""
+"""ACT: shapes, masking, the KL term, temporal ensembling, decoder depth, the backbone."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from il_policies import make_policy
 from il_policies.nn.temporal_ensemble import TemporalEnsembler, offline_temporal_ensemble
-from il_policies.nn.transformer import MultiheadAttention, TransformerEncoder, bernoulli_keep_mask, dropout, linear, sinusoidal_1d, sinusoidal_2d
+from il_policies.nn.transformer import sinusoidal_1d, sinusoidal_2d
 from il_policies.nn.vae import gaussian_kl, reparameterize
 from il_policies.nn.vision import ResNetBackbone
 from tests.conftest import make_cfg
@@ -165,128 +164,6 @@ def test_decoder_depth_option_uses_every_layer():
             assert not torch.allclose(policy.predict_action_chunk(batch["obs"]), before)
 
 
-def test_attention_matches_torch_multihead_attention():
-    torch.manual_seed(0)
-    ours, ref = MultiheadAttention(16, 4), torch.nn.MultiheadAttention(16, 4, batch_first=True)
-    ref.load_state_dict(ours.state_dict())
-    q, k, v = torch.randn(2, 5, 16), torch.randn(2, 7, 16), torch.randn(2, 7, 16)
-    mask = torch.zeros(2, 7, dtype=torch.bool)
-    mask[1, 4:] = True
-    torch.testing.assert_close(ours(q, k, v, mask), ref(q, k, v, key_padding_mask=mask)[0])
-    x = torch.randn(2, 7, 16)
-    torch.testing.assert_close(ours(x, x, v, mask, qk_shared=True, n_queries=2), ref(x, x, v, key_padding_mask=mask)[0][:, :2])
-
-
-def test_zero_target_self_attention_shortcut_is_exact():
-    torch.manual_seed(0)
-    attn = MultiheadAttention(16, 4, dropout=0.3)
-    pos = torch.randn(6, 16)
-    for training in (False, True):
-        attn.train(training)
-        torch.manual_seed(1)
-        fast = attn.zero_value_self_attention(pos, batch=3)
-        # Reference: the general path over zero tokens, with the same dropout mask on the attention matrix.
-        q, k = (pos @ attn.in_proj_weight[:32].T + attn.in_proj_bias[:32]).chunk(2, -1)
-        scores = q.unflatten(-1, (4, 4)).transpose(0, 1) @ k.unflatten(-1, (4, 4)).permute(1, 2, 0) / 2.0
-        torch.manual_seed(1)
-        probs = dropout(torch.softmax(scores, -1).expand(3, -1, -1, -1), 0.3, training)
-        values = attn.in_proj_bias[32:].expand(3, 6, 16).unflatten(-1, (4, 4)).transpose(1, 2)
-        ref = attn.out_proj((probs @ values).transpose(1, 2).flatten(2))
-        torch.testing.assert_close(fast.expand(3, -1, -1), ref)
-
-
-def test_dropout_and_linear_helpers():
-    torch.manual_seed(0)
-    x = torch.randn(400, 500)
-    y = dropout(x, 0.1, True)
-    kept = y != 0
-    assert abs(kept.float().mean().item() - 0.9) < 0.005
-    torch.testing.assert_close(y[kept], x[kept] / 0.9)
-    assert dropout(x, 0.1, False) is x
-    # The masks follow torch's generator (manual_seed, checkpointed RNG states), and each call draws anew.
-    torch.manual_seed(3)
-    first, second = bernoulli_keep_mask((7, 9, 5), 0.3, torch.float32), bernoulli_keep_mask((7, 9, 5), 0.3, torch.float32)
-    torch.manual_seed(3)
-    assert torch.equal(bernoulli_keep_mask((7, 9, 5), 0.3, torch.float32), first)
-    assert not torch.equal(first, second)
-    torch.testing.assert_close(first.unique(), torch.tensor([0.0, 1 / 0.7]))
-    assert abs((bernoulli_keep_mask((1001, 999), 0.3, torch.float32) > 0).float().mean().item() - 0.7) < 0.003
-    w, b = torch.randn(7, 500, requires_grad=True), torch.randn(7, requires_grad=True)
-    xg = x[:30].clone().requires_grad_()
-    out = linear(xg.view(3, 10, 500), w, b, relu=True)
-    ref = F.relu(F.linear(xg.view(3, 10, 500), w, b))
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    grads = torch.autograd.grad(out.square().sum(), (xg, w, b))
-    for got, want in zip(grads, torch.autograd.grad(ref.square().sum(), (xg, w, b))):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3 * want.abs().max().item())
-    with torch.no_grad():
-        torch.testing.assert_close(linear(x, w, b, relu=True), F.relu(F.linear(x, w, b)), rtol=1e-4, atol=1e-4)
-
-
-def test_cls_only_last_layer_equals_full_encoder():
-    torch.manual_seed(0)
-    encoder = TransformerEncoder(3, 16, 4, 32, dropout=0.0)
-    x, pos = torch.randn(2, 9, 16), torch.randn(9, 16)
-    mask = torch.zeros(2, 9, dtype=torch.bool)
-    mask[0, 5:] = True
-    torch.testing.assert_close(encoder(x, pos, mask, n_outputs=1), encoder(x, pos, mask)[:, :1])
-
-
-@pytest.mark.parametrize("attn_dropout", [0.0, 0.3])
-def test_few_query_attention_reassociation_is_exact_with_gradients(attn_dropout):
-    torch.manual_seed(0)
-    attn = MultiheadAttention(16, 4, dropout=attn_dropout).train()
-    query, key, value = torch.randn(3, 12, 16), torch.randn(3, 12, 16), torch.randn(3, 12, 16)
-    mask = torch.zeros(3, 12, dtype=torch.bool)
-    mask[1, 7:] = True
-    outputs, grads = [], []
-    for fast in (True, False):  # n_queries=1 over 12 keys takes the reassociated path; a sliced query the general one
-        torch.manual_seed(1)  # the same attention-dropout mask for both
-        out = attn(query, key, value, mask, n_queries=1) if fast else attn(query[:, :1], key, value, mask)
-        weights = [attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight]
-        outputs.append(out)
-        grads.append(torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), weights))
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
-    for fast_grad, general_grad in zip(*grads):
-        torch.testing.assert_close(fast_grad, general_grad, rtol=1e-4, atol=1e-6)
-
-
-def test_inference_shortcuts_equal_the_general_path_and_follow_weight_changes():
-    """Folded BatchNorm, prepacked oneDNN convolutions and linears, cached zero-target decoder prefix
-    (no-grad only) vs the autograd path, before and after in-place weight updates, at two batch sizes."""
-    meta = {"obs": {"agent_pos": {"shape": (4,), "kind": "low_dim"}, "image": {"shape": (3, 40, 40), "kind": "rgb"}},
-            "action": {"shape": (5,)}}
-    policy = make(meta, backbone="resnet18").eval()
-    for m in policy.backbone.modules():
-        if hasattr(m, "running_var"):
-            m.running_var.uniform_(0.5, 2.0)
-            m.running_mean.normal_(0.0, 0.2)
-    batch = random_batch(meta)["obs"]
-    for round_ in range(3):
-        obs = batch if round_ < 2 else {key: value[:1] for key, value in batch.items()}  # a new input shape repacks
-        general = policy._predict_action_chunk(obs)  # autograd on: no shortcut taken
-        with torch.inference_mode():
-            fast = policy._predict_action_chunk(obs)
-        torch.testing.assert_close(fast, general, rtol=1e-4, atol=1e-5)
-        with torch.no_grad():  # as an optimizer step would
-            policy.backbone.body[4][0].conv1.weight.mul_(1.5)
-            policy.decoder.layers[0].cross_attn.in_proj_bias.add_(0.3)
-            policy.encoder.layers[0].self_attn.in_proj_weight.mul_(1.2)
-            policy.encoder.layers[1].linear1.weight.add_(0.01)
-            policy.query_pos.weight.add_(0.3)
-
-
-@pytest.mark.slow
-def test_compiled_resnet_inference_equals_the_folded_eager_path():
-    torch.manual_seed(0)
-    backbone = ResNetBackbone("resnet18").eval()
-    image = torch.rand(1, 3, 64, 64)
-    with torch.inference_mode():
-        eager = backbone(image)  # BatchNorm folded, prepacked oneDNN convolutions
-        compiled = torch.compile(backbone)(image)
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
-
-
 def test_backbone_weights_file_and_batchnorm_option(tmp_path):
     import torchvision
 
@@ -330,3 +207,27 @@ def test_act_learns_metaworld_reach(tmp_path):
     summary = Workspace(cfg, tmp_path / "run").run()
     print(f"metaworld_reach ACT success rate {summary['eval/success_rate']:.2f}")
     assert summary["eval/success_rate"] >= 0.4, summary
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_transformer_layers_equal_torchs_without_positions(pre_norm):
+    """With no position embeddings DETR's layers are torch's nn.Transformer layers (norm_first = pre-norm)."""
+    from il_policies.nn.transformer import DecoderLayer, EncoderLayer
+
+    torch.manual_seed(0)
+    ours = EncoderLayer(16, 4, 32, dropout=0.0, pre_norm=pre_norm)
+    ref = torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, norm_first=pre_norm)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(7, 2, 16)
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[1, 5:] = True
+    torch.testing.assert_close(ours(x, key_padding_mask=mask), ref(x, src_key_padding_mask=mask))
+
+    ours = DecoderLayer(16, 4, 32, dropout=0.0, pre_norm=pre_norm)
+    ref = torch.nn.TransformerDecoderLayer(16, 4, 32, dropout=0.0, norm_first=pre_norm)
+    ref.load_state_dict({k.replace("cross_attn", "multihead_attn"): v for k, v in ours.state_dict().items()})
+    target, memory = torch.randn(5, 2, 16), torch.randn(7, 2, 16)
+    torch.testing.assert_close(ours(target, memory, memory_key_padding_mask=mask), ref(target, memory, memory_key_padding_mask=mask))
+    # Positions go to the queries and keys only (DETR): a position added to the values as well changes the output.
+    pos = torch.randn(5, 1, 16)
+    assert not torch.allclose(ours(target, memory, query_pos=pos), ours(target + pos, memory))

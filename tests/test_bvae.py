@@ -215,37 +215,6 @@ def test_bc_baseline_is_the_registry_bc_with_exactly_bvaes_encoder():
     assert loss.item() == pytest.approx(F.mse_loss(out, target).item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("config", ["bvae", "vae_nn", "bc_conv_vae", "bvae_original"])
-@pytest.mark.parametrize("size,per_pixel,n_obs_steps", [(16, False, 1), (16, False, 2), (16, True, 1), (4, False, 1)])
-def test_inference_with_the_normalization_folded_in_equals_the_training_path(config, size, per_pixel, n_obs_steps):
-    # At inference E's first convolution takes the unnormalized image (the normalization folded into its
-    # weights, run as a patch matmul); a tiny image (zero padding first) or per-pixel statistics cannot fold.
-    meta = {"obs": {"image": {"shape": (3, size, size), "kind": "rgb"}, "cam2": {"shape": (1, size, size), "kind": "rgb"},
-                    "agent_pos": {"shape": (2,), "kind": "low_dim"}}, "action": {"shape": (2,)}}
-    extra = {"upsample_sizes": None} if config == "bvae_original" else {}
-    policy = policy_from_yaml(config, meta, **TINY_IMAGE, **extra, image_norm_per_pixel=per_pixel, n_obs_steps=n_obs_steps).eval()
-    obs = random_batch(meta, batch=3, n_obs_steps=n_obs_steps)["obs"]
-    expected = policy._predict_action_chunk(obs)  # grad enabled: the plain path, normalization then E
-    with torch.inference_mode():
-        folded = policy._predict_action_chunk(obs)
-        torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
-        first = next(policy.parameters())  # the folded weights are rebuilt after a weight changes
-        first.add_(torch.linspace(-0.5, 0.5, first.numel()).view_as(first))
-        changed = policy._predict_action_chunk(obs)
-    torch.testing.assert_close(changed, policy._predict_action_chunk(obs).detach(), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(changed, expected)
-
-
-def test_patch_conv_equals_the_convolution():
-    from il_policies.nn.conv import patch_conv, patch_conv_weight
-
-    for shape, kernel in [((1, 3, 84, 84), 2), ((4, 6, 85, 83), 2), ((2, 3, 9, 12), 3)]:
-        conv = torch.nn.Conv2d(shape[1], 7, kernel, kernel)
-        for x in (torch.randn(shape), torch.randn(shape).contiguous(memory_format=torch.channels_last)):
-            with torch.no_grad():
-                torch.testing.assert_close(patch_conv(x, patch_conv_weight(conv.weight), conv.bias), conv(x), rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("two_stage", [False, True])
 def test_vae_nn_two_stage_keeps_the_action_gradient_out_of_the_vae(two_stage):
     policy = policy_from_yaml("vae_nn", IMAGE_META, two_stage=two_stage, **TINY_IMAGE)

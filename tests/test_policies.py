@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -86,8 +88,14 @@ def test_loss_is_finite_and_backpropagates(name, image_store):
     loss, metrics = policy.compute_loss(batch)
     assert torch.isfinite(loss) and metrics
     loss.backward()
-    with_grad = [p for p in policy.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
-    assert len(with_grad) == len([p for p in policy.parameters() if p.requires_grad])
+    # Every parameter learns from the second step on. (At DETR's initialization, zero attention biases,
+    # ACT's first decoder self-attention over its zero target outputs exactly 0, so its weights and the
+    # LayerNorm after it get their first gradient once the first step has moved the biases.)
+    torch.optim.SGD(policy.parameters(), lr=0.01).step()
+    policy.zero_grad()
+    policy.compute_loss(batch)[0].backward()
+    without_grad = [n for n, p in policy.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert without_grad == []
     policy.eval()
     chunk = policy.predict_action_chunk(batch["obs"])
     assert chunk.shape == (6, 4, 3)
@@ -130,3 +138,32 @@ def test_load_policy_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match="could not be read"):
         load_policy(tmp_path / "garbage.pt")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_the_accelerated_policy_computes_the_reference_function(name, image_store):
+    """`il_policies.accel.accelerate` (training.accel=true, load_policy(accel=True)): the same loss and
+    gradients with dropout off (its masks are drawn differently), the same actions in eval mode."""
+    from il_policies.accel import accelerate
+
+    dataset = SequenceDataset.from_store(image_store, n_obs_steps=2, horizon=4)
+    cfg = make_cfg([*small_overrides(name), "policy.n_obs_steps=2", "policy.horizon=4", "policy.n_action_steps=2"])
+    reference = make_policy(cfg.policy, dataset.shape_meta)
+    reference.normalizer.fit(dataset.fit_data(), action_key=dataset.action_key)
+    for module in reference.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(module, torch.nn.MultiheadAttention):
+            module.dropout = 0.0
+    fast = accelerate(copy.deepcopy(reference))
+    batch = prepare_batch(collate_batch(dataset.__getitems__(list(range(6)))), dataset.shape_meta, "cpu")
+    losses = []
+    for policy in (fast, reference):
+        torch.manual_seed(0)  # the same sampling noise (reparameterization)
+        losses.append(policy.compute_loss(batch)[0])
+        losses[-1].backward()
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for (n, p), q in zip(fast.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+    fast.eval(), reference.eval()
+    torch.testing.assert_close(fast.predict_action_chunk(batch["obs"]), reference.predict_action_chunk(batch["obs"]), rtol=1e-5, atol=1e-5)

@@ -1,12 +1,10 @@
-"""A small convolutional image encoder that runs well on a CPU, for any declared image size, and a
-faster inference form of the non-overlapping (kernel = stride) convolutions of the BVAE family."""
+"""A small convolutional image encoder that runs well on a CPU, for any declared image size."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
-from einops import rearrange
 from torch import nn
 
 
@@ -42,28 +40,3 @@ class ConvEncoder(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) normalized image -> (B, out_dim)."""
         return self.head(self.features(image))
-
-
-def patch_conv_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A Conv2d weight `(O, C, kh, kw)` in the layout `patch_conv` multiplies by: `(kh, kw * C, O)`."""
-    return rearrange(weight, "o c p q -> p (q c) o").contiguous()
-
-
-def patch_conv(x: torch.Tensor, weight_rows: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """`F.conv2d(x, weight, bias, stride=kernel)` without padding, for a kernel equal to its stride.
-
-    The patches do not overlap, so with `x` stored channels-last each kernel row is one batched
-    matmul over the image's memory as it lies (no im2col copy): for a 3-channel camera image at batch
-    1 on a CPU ~2.5x faster than oneDNN's convolution. `weight_rows` is `patch_conv_weight(weight)`;
-    the result `(B, O, H // kh, W // kw)` is channels-last. Rows and columns beyond a whole patch are
-    dropped, as the convolution does.
-    """
-    kh, row, _ = weight_rows.shape
-    b, c, h, w = x.shape
-    kw = row // c
-    rows = x[:, :, : h // kh * kh, : w // kw * kw].permute(0, 2, 3, 1)  # (B, H, W, C) view of channels-last memory
-    rows = rows.reshape(b * (h // kh), kh, w // kw, row)  # (B * H', kh, W', kw * C): patch rows side by side
-    out = torch.baddbmm(bias, rows[:, 0], weight_rows[0].expand(rows.shape[0], -1, -1))
-    for p in range(1, kh):
-        out.baddbmm_(rows[:, p], weight_rows[p].expand(rows.shape[0], -1, -1))
-    return out.view(b, h // kh, w // kw, -1).permute(0, 3, 1, 2)

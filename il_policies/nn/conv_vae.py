@@ -28,15 +28,11 @@ the caller's choice (`il_policies.nn.vae.scale_from_raw`).
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from il_policies.nn.cache import WeightCache
-from il_policies.nn.conv import patch_conv, patch_conv_weight
 from il_policies.nn.mlp import mlp
 
 ORIGINAL_CHANNELS = (12, 12, 24, 48)
@@ -114,49 +110,12 @@ class ConvImageEncoder(nn.Module):
         self.low_dim = int(low_dim)
         self.head = nn.Sequential(nn.Linear(c3 * GRID * GRID + self.low_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim))
         self.out_dim = out_dim
-        self._first_conv = WeightCache()
-        self._pool_after_first_conv = isinstance(self.features[1], nn.MaxPool2d)
 
-    def forward(self, image: torch.Tensor, low_dim: torch.Tensor | None = None, first_conv: Callable | None = None) -> torch.Tensor:
-        """`first_conv`: at inference, a `prepare_first_conv(weight, bias)` that replaces the first
-        convolution (e.g. with the input normalization folded in: `ObservationVAE.encode_observation`)."""
-        if torch.is_grad_enabled() and first_conv is None:
-            features = self.features(image)
-        else:
-            features = self._inference_features(image, first_conv)
+    def forward(self, image: torch.Tensor, low_dim: torch.Tensor | None = None) -> torch.Tensor:
+        features = self.features(image)
         if self.low_dim:
             features = torch.cat([features, low_dim], dim=-1)
         return self.head(features)
-
-    @property
-    def starts_with_conv(self) -> bool:
-        """Whether the first layer is the convolution itself (no zero padding before it)."""
-        return isinstance(self.features[0], nn.Conv2d)
-
-    def prepare_first_conv(self, weight: torch.Tensor, bias: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The first convolution with these weights, in the form inference runs it (`patch_conv` when
-        its kernel equals its stride, as in this family unless the image is tiny)."""
-        conv = self.features[0]
-        if conv.kernel_size == conv.stride and conv.padding == (0, 0):
-            return functools.partial(patch_conv, weight_rows=patch_conv_weight(weight), bias=bias)
-        return functools.partial(F.conv2d, weight=weight.contiguous(memory_format=torch.channels_last), bias=bias, stride=conv.stride)
-
-    def _inference_features(self, image: torch.Tensor, first_conv: Callable | None) -> torch.Tensor:
-        # Batch-1 CPU inference: the first convolution and max-pool (the largest maps) run ~3x faster
-        # channels-last, the small maps after them faster in NCHW. Same values either way.
-        x = image.contiguous(memory_format=torch.channels_last)
-        layers = iter(self.features)
-        if self.starts_with_conv:
-            conv = next(layers)
-            if first_conv is None:
-                first_conv = self._first_conv.get([conv.weight, conv.bias], lambda: self.prepare_first_conv(conv.weight, conv.bias))
-            x = first_conv(x)
-            if self._pool_after_first_conv:
-                x = next(layers)(x)
-        x = x.contiguous()
-        for layer in layers:
-            x = layer(x)
-        return x
 
 
 def default_upsample_sizes(size: int, n_blocks: int = 3) -> tuple[int, ...]:

@@ -14,8 +14,7 @@ Policy (the CVAE decoder)               a_{t:t+k} = pi(images, proprio, z)
 Loss: L1(a_hat, a) with padded steps zeroed, averaged over all entries as the original does,
       + kl_weight(step) * KL(q(z|.) || N(0, I)) (summed over latent dims, mean over the batch);
       kl_weight comes from the shared `KLSchedule` (constant 10 by default).
-Inference: z = 0, the CVAE encoder is not run (and FrozenBatchNorm is folded into the convolutions,
-see nn/vision.py; the decoder's weights-only first steps are cached, see nn/transformer.py). Actions from the base class's queue of
+Inference: z = 0, the CVAE encoder is not run. Actions from the base class's queue of
 `n_action_steps`, or, with `temporal_ensemble_coeff` set (and n_action_steps = 1), a chunk every
 step averaged online with weights exp(-k i), i = 0 the oldest prediction (`TemporalEnsembler`).
 
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from il_policies.nn.temporal_ensemble import TemporalEnsembler
@@ -120,7 +120,7 @@ class ACTPolicy(Policy):
                 raise ValueError(f"ACT's shared backbone needs every camera at one shape, got {sorted(shapes)}")
             (channels, height, width), = shapes
             self.backbone = make_backbone(c.backbone, channels, c.backbone_weights, c.frozen_bn, c.conv_channels)
-            self.image_proj = nn.Linear(self.backbone.out_channels, d)  # a 1x1 convolution on the feature map
+            self.image_proj = nn.Conv2d(self.backbone.out_channels, d, kernel_size=1)
             with torch.no_grad():
                 fh, fw = self.backbone(torch.zeros(1, channels, height, width)).shape[-2:]
             # Cameras (and observation steps) side by side along the width: one 2D table, one column block each.
@@ -136,15 +136,12 @@ class ACTPolicy(Policy):
                 nn.init.xavier_uniform_(p)  # as DETR / ACT
         self.kl_schedule = KLSchedule(c.kl_schedule, c.kl_weight, c.kl_warmup_steps)
 
-    # ---- the network ----------------------------------------------------------------------------
+    # ---- the network (tokens are sequence-first: (S, B, D)) --------------------------------------
     def _image_tokens(self, nobs) -> torch.Tensor:
-        """All cameras and steps through the shared backbone in one batch -> (B, n_tokens, d_model)."""
+        """All cameras and steps through the shared backbone in one batch -> (n_tokens, B, d_model)."""
         images = torch.stack([nobs[k] for k in self.rgb_keys], dim=1)  # (B, n_cam, T, C, H, W)
-        batch = images.shape[0]
-        features = self.backbone(images.flatten(0, 2))  # (B * n_cam * T, C', h, w)
-        # (h, w, C') order is a free view of a channels_last map: the 1x1 projection needs no copy.
-        tokens = self.image_proj(features.permute(0, 2, 3, 1).flatten(1, 2))
-        return tokens.reshape(batch, -1, tokens.shape[-1])
+        features = self.image_proj(self.backbone(rearrange(images, "b n t c h w -> (b n t) c h w")))
+        return rearrange(features, "(b n t) d h w -> (n t h w) b d", b=images.shape[0], n=len(self.rgb_keys))
 
     def _decode(self, nobs, latent: torch.Tensor) -> torch.Tensor:
         """Normalized observations and latent (B, latent_dim) -> normalized actions (B, horizon, A)."""
@@ -153,25 +150,27 @@ class ACTPolicy(Policy):
             tokens.append(self.proprio_proj(_flat(nobs[self.proprio_key])))
         if self.env_proj is not None:
             tokens.append(self.env_proj(torch.cat([_flat(nobs[k]) for k in self.env_keys], dim=-1)))
-        tokens = torch.stack(tokens, dim=1)
+        tokens = torch.stack(tokens)
         pos = self.pos_1d.weight
         if self.rgb_keys:
-            tokens = torch.cat([tokens, self._image_tokens(nobs)], dim=1)
-            pos = torch.cat([pos, self.image_pos], dim=0)
-        memory = self.encoder(tokens, pos)
-        return self.action_head(self.decoder(memory, self.query_pos.weight, pos))
+            tokens = torch.cat([tokens, self._image_tokens(nobs)])
+            pos = torch.cat([pos, self.image_pos])
+        memory = self.encoder(tokens, pos[:, None])
+        target = memory.new_zeros(self.config.horizon, memory.shape[1], self.config.d_model)
+        out = self.decoder(target, memory, self.query_pos.weight[:, None], pos[:, None])
+        return rearrange(self.action_head(out), "h b a -> b h a")
 
     def _posterior(self, nobs, actions: torch.Tensor, is_pad: torch.Tensor | None):
-        """CVAE encoder: (mu, logvar), each (B, latent_dim). Only the CLS output is computed at the top."""
+        """CVAE encoder: (mu, logvar), each (B, latent_dim), from the CLS token's output."""
         batch = actions.shape[0]
-        tokens = [self.vae_cls.weight.expand(batch, 1, -1)]
+        tokens = [self.vae_cls.weight[:, None].expand(1, batch, -1)]
         if self.vae_proprio_proj is not None:
-            tokens.append(self.vae_proprio_proj(_flat(nobs[self.proprio_key]))[:, None])
-        tokens.append(self.vae_action_proj(actions))
+            tokens.append(self.vae_proprio_proj(_flat(nobs[self.proprio_key]))[None])
+        tokens.append(rearrange(self.vae_action_proj(actions), "b h d -> h b d"))
         mask = None
         if is_pad is not None:
             mask = F.pad(is_pad.bool(), (len(tokens) - 1, 0), value=False)  # CLS / proprio never padded
-        cls = self.vae_encoder(torch.cat(tokens, dim=1), self.vae_pos, mask, n_outputs=1)[:, 0]
+        cls = self.vae_encoder(torch.cat(tokens), self.vae_pos[:, None], mask)[0]
         mu, logvar = self.vae_latent_proj(cls).chunk(2, dim=-1)
         return mu, logvar
 
@@ -224,5 +223,5 @@ class ACTPolicy(Policy):
         if self.ensembler is None:
             return super().select_action(obs)
         _, batched, as_numpy = self._observe(obs)  # temporal ensembling: a new chunk every step
-        action = self.ensembler.update(self._run_network(self._stacked_history()))
+        action = self.ensembler.update(self._predict_action_chunk(self._stacked_history()))
         return self._deliver(action, batched, as_numpy)

@@ -28,7 +28,6 @@ from torch import nn
 
 from il_policies.data.dataset import prepare_batch
 from il_policies.data.normalizer import Normalizer
-from il_policies.nn.threads import small_ops_on_one_thread
 from il_policies.policies.observations import check_observation
 
 
@@ -144,7 +143,7 @@ class Policy(nn.Module, abc.ABC):
         """
         step, batched, as_numpy = self._observe(obs)
         if not self._action_queue:
-            chunk = self._run_network(self._stacked_history())
+            chunk = self._predict_action_chunk(self._stacked_history())
             self._action_queue.extend(chunk[:, : self.config.n_action_steps].unbind(dim=1))
         return self._deliver(self._action_queue.popleft(), batched, as_numpy)
 
@@ -157,19 +156,10 @@ class Policy(nn.Module, abc.ABC):
         model-format tensors `{key: (B, n_obs_steps, *shape)}`, the network runs on them directly.
         """
         if self._is_model_format(obs):
-            return self._clip(self._run_network(obs))
+            return self._clip(self._predict_action_chunk(obs))
         _, batched, as_numpy = self._observe(obs)
-        chunk = self._run_network(self._stacked_history())
+        chunk = self._predict_action_chunk(self._stacked_history())
         return self._deliver(chunk, batched, as_numpy)
-
-    def _run_network(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """`_predict_action_chunk` for the robot-facing calls. At batch 1 the small ops run on one
-        thread and only the large products on all of them (`il_policies.nn.threads`): waking an idle
-        thread costs more than most of a batch-1 network's ops take."""
-        if next(iter(obs.values())).shape[0] != 1:
-            return self._predict_action_chunk(obs)
-        with small_ops_on_one_thread():
-            return self._predict_action_chunk(obs)
 
     def _observe(self, obs: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], bool, bool]:
         checked, batched, as_numpy = check_observation(obs, self.shape_meta)

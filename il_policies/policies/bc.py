@@ -69,8 +69,4 @@ class BCPolicy(Policy):
         return loss, {"action_mse": loss.item()}
 
     def _predict_action_chunk(self, obs):
-        if self.config.encoder == "conv_vae":  # the raw-observation path folds the image normalization in
-            normalized = rearrange(self.obs_encoder.encode_observation(obs, self.normalizer), "b (h a) -> b h a", a=self.action_dim)
-        else:
-            normalized = self._predict_normalized(self.normalizer.normalize_obs(obs))
-        return self.normalizer.unnormalize("action", normalized)
+        return self.normalizer.unnormalize("action", self._predict_normalized(self.normalizer.normalize_obs(obs)))

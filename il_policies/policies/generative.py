@@ -34,7 +34,6 @@ from il_policies.nn.conv_vae import (
     MLPDecoder,
     MLPEncoder,
 )
-from il_policies.nn.cache import WeightCache
 from il_policies.nn.vae import KLSchedule, scale_from_raw
 from il_policies.policies.base import PolicyConfig
 
@@ -82,7 +81,6 @@ class StackedObservationEncoder(nn.Module):
             self.encoder = ConvImageEncoder(self.channels, self.image_size, out_dim, self.low_dim, **self.arch)
         else:
             self.encoder = MLPEncoder(self.low_dim, out_dim, mlp_hidden_dims)
-        self._folded_first_conv = WeightCache()
 
     # ---- packing ------------------------------------------------------------------------------
     def pack(self, obs: Mapping[str, torch.Tensor]) -> ObsPack:
@@ -116,29 +114,8 @@ class StackedObservationEncoder(nn.Module):
         return self.encoder(packed["low_dim"])
 
     def encode_observation(self, obs: Mapping[str, torch.Tensor], normalizer) -> torch.Tensor:
-        """`encode(pack(normalizer.normalize_obs(obs)))` for raw observations. At inference, a
-        per-channel image normalization is folded into E's first convolution (as BatchNorm is folded
-        at deployment): the image is never normalized pixel by pixel, the costliest step of a batch-1
-        call after the convolution itself. The folded weights are cached until a weight or a
-        statistic changes."""
-        foldable = (self.rgb_keys and not torch.is_grad_enabled() and not normalizer.per_pixel
-                    and self.encoder.starts_with_conv)
-        if not foldable:
-            return self.encode(self.pack(normalizer.normalize_obs(obs)))
-        conv = self.encoder.features[0]
-        affines = [normalizer.affine(key) for key in self.rgb_keys]
-
-        def fold():
-            # Channels are stacked (key, frame, channel): conv((x - c) / s) = conv_{W / s}(x) + b - sum W c / s.
-            center = torch.cat([c.reshape(-1).repeat(self.n_obs_steps) for c, _ in affines])
-            scale = torch.cat([s.reshape(-1).repeat(self.n_obs_steps) for _, s in affines])
-            weight = conv.weight / scale[:, None, None]
-            bias = conv.bias - (conv.weight * (center / scale)[:, None, None]).sum((1, 2, 3))
-            return self.encoder.prepare_first_conv(weight, bias)
-
-        first_conv = self._folded_first_conv.get([conv.weight, conv.bias, *(t for pair in affines for t in pair)], fold)
-        packed = self.pack({key: value if key in self.rgb_keys else normalizer.normalize(key, value) for key, value in obs.items()})
-        return self.encoder(packed["image"], packed.get("low_dim"), first_conv=first_conv)
+        """`encode` for raw observations `{key: (B, T, *shape)}`."""
+        return self.encode(self.pack(normalizer.normalize_obs(obs)))
 
 
 class ObservationVAE(StackedObservationEncoder):

@@ -77,8 +77,7 @@ def load_policy(checkpoint_path: str | os.PathLike, device: str | torch.device =
     with EMA). `policy.checkpoint_meta` holds the task metadata and training step, and
     `policy.metadata` the schema a robot needs. `compile=True` wraps the network in `torch.compile`
     (slow first call, faster later ones on some models and machines). `num_threads` sets torch's CPU
-    threads for the process (batch-1 calls already run their small ops on one thread and only the
-    large products on all of them, see `il_policies.nn.threads`).
+    threads for the process.
     """
     if num_threads is not None:
         torch.set_num_threads(num_threads)

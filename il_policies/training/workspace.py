@@ -107,6 +107,10 @@ class Workspace:
         }
         bounds = (self.task.action_low, self.task.action_high) if self.task is not None else (actions.min(0), actions.max(0))
         self.policy.set_action_bounds(*bounds)
+        if cfg.training.accel:
+            from il_policies.accel import accelerate
+
+            accelerate(self.policy)
         if self.task is not None:
             self.task_meta |= {
                 "fps": self.task.fps,
