@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -34,28 +33,18 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from il_policies.data.dataset import collate_batch, prepare_batch
+from il_policies.envs import make_task_by_name
+from il_policies.rollout import PolicyActor, eval_seeds, run_rollouts
+from il_policies.training import Workspace
 
-from il_policies.data.dataset import collate_batch, prepare_batch  # noqa: E402
-from il_policies.envs import make_task_by_name  # noqa: E402
-from il_policies.rollout import PolicyActor, eval_seeds, run_rollouts  # noqa: E402
-from il_policies.training import Workspace  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # Keys are conf/policy configs: bc_conv_vae is the registry's `bc` with BVAE's encoder E.
 METHODS = {"BC (same encoder)": "bc_conv_vae", "VAE+NN": "vae_nn", "BVAE": "bvae"}
 TERMS = ("action_supervised", "obs_recon", "obs_supervised", "action_recon")
 # Terms a method trains (others are untrained read-outs, or undefined for VAE+NN): shown as "—".
 TRAINED = {"bc_conv_vae": {"action_supervised"}, "vae_nn": {"action_supervised", "obs_recon"}, "bvae": set(TERMS)}
-
-
-class RecordingWorkspace(Workspace):
-    """The Workspace, keeping every validation round's metrics (for the curves)."""
-
-    def _checkpoint_round(self, train_metrics, evaluate):
-        metrics = super()._checkpoint_round(train_metrics, evaluate)
-        self.history = [*getattr(self, "history", []), {"step": self.step, **metrics}]
-        return metrics
 
 
 def compose_cfg(args, policy: str, seed: int, run_dir: Path):
@@ -94,7 +83,9 @@ def as_action_supervised(metrics: dict) -> dict:
 def run_one(args, name: str, policy_name: str, seed: int) -> dict:
     run_dir = args.out / f"{policy_name}_seed{seed}"
     start = time.perf_counter()
-    workspace = RecordingWorkspace(compose_cfg(args, policy_name, seed, run_dir), run_dir)
+    history = []  # every validation round's metrics, for the curves
+    workspace = Workspace(compose_cfg(args, policy_name, seed, run_dir), run_dir,
+                          on_round=lambda step, metrics: history.append({"step": step, **metrics}))
     workspace.run()
     train_s = time.perf_counter() - start
     policy = workspace.policy
@@ -106,7 +97,7 @@ def run_one(args, name: str, policy_name: str, seed: int) -> dict:
         "method": name, "policy": policy_name, "seed": seed, "train_s": train_s, "rollout_s": result.wall_time_s,
         "train_episodes": workspace.dataset.train_episode_ids.tolist(), "val_episodes": workspace.dataset.val_episode_ids.tolist(),
         "train": train_terms, "val": val_terms, "success_rate": result.success_rate, "successes": result.successes,
-        "history": [as_action_supervised(h) for h in workspace.history], "traversal": str(run_dir / "visualizations" / f"step_{args.steps}" / "latent_traversal.png"),
+        "history": [as_action_supervised(h) for h in history], "traversal": str(run_dir / "visualizations" / f"step_{args.steps}" / "latent_traversal.png"),
     }
     print(f"{name} seed {seed}: train action_supervised {train_terms['action_supervised']:.3f}, held-out "
           f"{val_terms['action_supervised']:.3f}, success {result.success_rate:.2f} ({train_s:.0f} s train, "

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from il_policies import load_policy
 from il_policies.checkpoint import CheckpointError, read_checkpoint
 from il_policies.data.dataset import SequenceDataset, collate_batch, prepare_batch
-from il_policies.policies.generative import traversal_grid, write_png
+from il_policies.visualization import traversal_grid, write_png
 
 OPTIONS = {"checkpoint": None, "out": "latent_traversal.png", "index": "0", "split": "val", "values": "-2,-1,0,1,2", "max_dims": "16"}
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+import il_policies.training.config  # noqa: F401  (registers the structured configs with Hydra)
 from il_policies.data.store import KeySpec, TrajectoryStore
 
 REPO = Path(__file__).resolve().parents[1]

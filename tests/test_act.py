@@ -63,8 +63,11 @@ def test_resnet18_defaults_match_the_original_sizes():
     policy = make_policy({"name": "act"}, meta)
     c = policy.config
     assert (c.horizon, c.d_model, c.n_heads, c.dim_feedforward, c.n_encoder_layers, c.n_vae_encoder_layers,
-            c.n_decoder_layers, c.dropout, c.kl_weight, c.lr, c.lr_backbone, c.weight_decay, c.latent_dim) == (
-        100, 512, 8, 3200, 4, 4, 1, 0.1, 10.0, 1e-5, 1e-5, 1e-4, 32)
+            c.n_decoder_layers, c.dropout, c.kl_schedule.kind, c.kl_schedule.weight, c.lr_backbone, c.latent_dim) == (
+        100, 512, 8, 3200, 4, 4, 1, 0.1, "constant", 10.0, 1e-5, 32)
+    # The original's training: AdamW at a constant 1e-5, weight decay 1e-4, no gradient clipping.
+    p = c.training_preset
+    assert (p.lr, p.weight_decay, p.lr_scheduler, p.lr_warmup_steps, p.grad_clip, p.ema.enabled) == (1e-5, 1e-4, "constant", 0, 0.0, False)
     assert sum(p.numel() for p in policy.parameters()) == 51_613_582  # LeRobot's ACT on these shapes: 51.6 M
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in policy.backbone.modules())  # frozen BatchNorm
     groups = policy.optim_groups()
@@ -93,7 +96,7 @@ def test_padded_steps_give_zero_loss_and_zero_gradient():
 
 
 def test_loss_is_masked_l1_plus_weighted_kl_by_hand():
-    policy = make(STATE_META, dropout=0.0, kl_weight=3.0)
+    policy = make(STATE_META, dropout=0.0, kl_schedule={"kind": "constant", "weight": 3.0})
     batch = random_batch(STATE_META)
     torch.manual_seed(1)
     loss, metrics = policy.compute_loss(batch)
@@ -114,7 +117,7 @@ def test_loss_is_masked_l1_plus_weighted_kl_by_hand():
 
 
 def test_kl_weight_follows_the_schedule():
-    policy = make(STATE_META, kl_schedule="linear", kl_weight=10.0, kl_warmup_steps=100)
+    policy = make(STATE_META, kl_schedule={"kind": "linear", "weight": 10.0, "warmup_steps": 100})
     policy.set_training_step(25)
     assert policy.compute_loss(random_batch(STATE_META))[1]["kl_weight"] == pytest.approx(2.5)
 
@@ -137,7 +140,7 @@ def test_policy_with_temporal_ensembling_queries_every_step():
     policy = make(STATE_META, n_action_steps=1, temporal_ensemble_coeff=0.01).eval()
     chunks, calls = [], []
     original = policy._predict_action_chunk
-    policy._predict_action_chunk = lambda obs: calls.append(1) or chunks.append(original(obs)) or chunks[-1]
+    policy._predict_action_chunk = lambda obs, generator=None: calls.append(1) or chunks.append(original(obs)) or chunks[-1]
     torch.manual_seed(0)
     observations = [{"state": torch.randn(2, 7)} for _ in range(9)]
     actions = torch.stack([policy.select_action(o) for o in observations], dim=1)
@@ -201,7 +204,7 @@ def test_act_learns_metaworld_reach(tmp_path):
     cfg = make_cfg([
         "policy=act", "task=metaworld_reach", f"task.dataset_path={path}", "policy.d_model=128", "policy.n_heads=4",
         "policy.dim_feedforward=512", "policy.n_encoder_layers=2", "policy.n_vae_encoder_layers=2", "policy.horizon=20",
-        "policy.n_action_steps=10", "policy.lr=3e-4", "training.steps=600", "training.batch_size=32",
+        "policy.n_action_steps=10", "training.lr=3e-4", "training.steps=600", "training.batch_size=32",
         "training.lr_warmup_steps=50", "training.val_every=600", "eval.n_episodes=20", "eval.n_videos=0", "training.num_threads=2",
     ])
     summary = Workspace(cfg, tmp_path / "run").run()

@@ -24,7 +24,7 @@ TINY_IMAGE = {"conv_channels": [4, 4, 8, 8], "hidden_dim": 8}
 
 
 def policy_from_yaml(yaml: str, meta, **options):
-    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "policy" / f"{yaml}.yaml"))
+    cfg = OmegaConf.to_container(make_cfg([f"policy={yaml}"]).policy)
     policy = make_policy({**cfg, **options}, meta)
     rng = np.random.default_rng(0)
     data = {"action": rng.normal(1.0, 2.0, size=(50, meta["action"]["shape"][0]))}
@@ -311,7 +311,7 @@ def test_bvae_learns_metaworld_push_from_state(tmp_path):
     store = tmp_path / "push.zarr"
     generate_demos(task, store, 20)
     cfg = make_cfg(["policy=bvae", "task=metaworld_push", f"task.dataset_path={store}", "training.steps=600",
-                    "training.batch_size=64", "training.val_every=600", "eval.n_episodes=0", "policy.lr=3e-3"])
+                    "training.batch_size=64", "training.val_every=600", "eval.n_episodes=0", "training.lr=3e-3"])
     Workspace(cfg, tmp_path / "run").run()
     policy = load_policy(tmp_path / "run" / "checkpoints" / "latest.pt")
     result, _ = run_rollouts(task, PolicyActor(policy), eval_seeds(10), progress=False)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +13,8 @@ from il_policies import available_policies, load_policy, make_policy
 from il_policies.checkpoint import CheckpointError
 from il_policies.data.dataset import SequenceDataset, collate_batch, prepare_batch
 from il_policies.training import Workspace
-from tests.conftest import make_cfg
+from il_policies.policies.registry import POLICY_MODULES
+from tests.conftest import REPO, make_cfg
 
 POLICIES = available_policies()
 # Every registered policy at its own config, plus configs that build a policy differently.
@@ -49,17 +52,23 @@ def test_train_save_load_identical_actions(name, store_fixture, request, tmp_pat
 
     loaded = load_policy(checkpoint)
     assert loaded.name == cfg.policy.name and not loaded.training
-    trained = workspace.policy.eval()
+    trained = workspace.policy  # left in train mode: the robot-facing calls put it in eval mode themselves
     dataset = workspace.dataset
     batch = prepare_batch(collate_batch(dataset.__getitems__([0, 5, 9])), dataset.shape_meta, "cpu")
-    torch.testing.assert_close(loaded.predict_action_chunk(batch["obs"]), trained.predict_action_chunk(batch["obs"]), rtol=0, atol=0)
+
+    def seeded():  # sampling policies draw from it; the same generator state gives the same actions
+        return torch.Generator().manual_seed(7)
+
+    torch.testing.assert_close(loaded.predict_action_chunk(batch["obs"], seeded()), trained.predict_action_chunk(batch["obs"], seeded()),
+                               rtol=0, atol=0)
+    assert not trained.training
 
     # select_action through the queue gives the same first action, from raw (uint8 HWC) observations.
     raw = dataset[0]["obs"]
     step_obs = {key: torch.as_tensor(value[-1])[None] for key, value in raw.items()}
     loaded.reset()
     trained.reset()
-    torch.testing.assert_close(loaded.select_action(step_obs), trained.select_action(step_obs), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.select_action(step_obs, seeded()), trained.select_action(step_obs, seeded()), rtol=0, atol=0)
     assert loaded.select_action(step_obs).shape == (1, dataset.shape_meta["action"]["shape"][0])
 
 
@@ -109,7 +118,7 @@ def test_action_queue_runs_network_every_n_action_steps(name, linear_store):
     policy.normalizer.fit(dataset.fit_data(), action_key=dataset.action_key)
     calls = []
     original = policy._predict_action_chunk
-    policy._predict_action_chunk = lambda obs: calls.append(1) or original(obs)
+    policy._predict_action_chunk = lambda obs, generator=None: calls.append(1) or original(obs)
     obs = {"state": torch.zeros(2, 5)}
     actions = [policy.select_action(obs) for _ in range(7)]
     assert len(calls) == 3  # steps 0, 3, 6
@@ -167,3 +176,50 @@ def test_the_accelerated_policy_computes_the_reference_function(name, image_stor
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
     fast.eval(), reference.eval()
     torch.testing.assert_close(fast.predict_action_chunk(batch["obs"]), reference.predict_action_chunk(batch["obs"]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_load_policy_imports_only_the_checkpoints_policy(name, linear_store, tmp_path):
+    """On a robot, `load_policy` imports the checkpoint's policy module and what its network needs:
+    no other policy, no Hydra / wandb / diffusers / zarr, no training code, no simulator."""
+    cfg = make_cfg([*small_overrides(name), f"task.dataset_path={linear_store}", "training.steps=1", "training.batch_size=4"])
+    Workspace(cfg, tmp_path).run()
+    code = (
+        "import sys, numpy as np; from il_policies import load_policy\n"
+        f"policy = load_policy({str(tmp_path / 'checkpoints' / 'latest.pt')!r}); policy.select_action({{'state': np.zeros(5)}})\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('hydra', 'omegaconf', 'wandb', 'diffusers', 'zarr') "
+        "or m.startswith(('il_policies.training', 'il_policies.envs', 'il_policies.policies.'))))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-2000:]
+    module = POLICY_MODULES[cfg.policy.name]
+    shared = ["il_policies.policies.base", "il_policies.policies.config", "il_policies.policies.observations",
+              "il_policies.policies.registry"]
+    if cfg.policy.name in ("bvae", "vae_nn"):
+        shared.append("il_policies.policies.generative")  # their shared config
+    assert sorted(set(eval(run.stdout.strip())) - {module}) == sorted(shared)
+
+
+def test_the_base_class_executes_the_actions_of_the_declared_window():
+    """A policy whose chunk starts n_obs_steps - 1 steps in the past (Diffusion Policy's window): the
+    queue runs chunk[current : current + n_action_steps], predict_action_chunk returns chunk[current:]."""
+    from dataclasses import dataclass
+
+    from il_policies.policies.bc import BCConfig, BCPolicy
+    from il_policies.policies.config import ActionWindow
+
+    @dataclass
+    class PastWindowConfig(BCConfig):
+        def action_window(self):
+            return ActionWindow(self.n_obs_steps, self.horizon, -(self.n_obs_steps - 1), self.n_action_steps)
+
+    config = PastWindowConfig(n_obs_steps=3, horizon=8, n_action_steps=4, hidden_dims=(8,))
+    policy = BCPolicy(config, {"obs": {"state": {"shape": (5,), "kind": "low_dim"}}, "action": {"shape": (2,)}})
+    assert policy.window.current == 2 and policy.metadata["action_start"] == -2
+    chunk = torch.arange(8 * 2, dtype=torch.float32).view(1, 8, 2)
+    policy._predict_action_chunk = lambda obs, generator=None: chunk
+    actions = torch.stack([policy.select_action({"state": torch.zeros(1, 5)}) for _ in range(4)], dim=1)
+    torch.testing.assert_close(actions, chunk[:, 2:6])
+    torch.testing.assert_close(policy.predict_action_chunk({"state": torch.zeros(1, 5)}), chunk[:, 2:])
+    with pytest.raises(ValueError, match="cannot exceed the actions predicted from the current step on"):
+        PastWindowConfig(n_obs_steps=3, horizon=8, n_action_steps=7)

@@ -23,7 +23,7 @@ The encoder returns `out_dim` values: `2 * latent` (mean, raw scale) in a VAE, t
 itself when BC uses it (`policy=bc_conv_vae`); the decoder returns the mean and raw
 scale of the observation: an image of `2 * C` channels (C mean channels, then C scale channels)
 and, with low-dim inputs, `2 * low_dim` values. Turning a raw scale into a standard deviation is
-the caller's choice (`il_policies.nn.vae.scale_from_raw`).
+the caller's choice (`il_policies.nn.vae.std_from_raw`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Variational pieces shared by every VAE-type policy (BVAE, VAE+NN, ACT).
 
-- `reparameterize(mu, std)`: z = mu + std * eps, eps ~ N(0, I), differentiable in mu and std.
+- `reparameterize(mu, std, noise_scale)`: z = mu + std * eps * noise_scale, eps ~ N(0, I),
+  differentiable in mu and std; `std_from_raw` / `gaussian_from_output`: a network's raw scale
+  output as a standard deviation under one of the scale parameterizations.
 - `gaussian_kl(mu, logvar)`: KL(N(mu, diag(exp(logvar))) || N(0, I)) per sample, summed over
   latent dimensions: 0.5 * sum(mu^2 + exp(logvar) - logvar - 1).
 - KL weight schedules (constant, linear warm-up, cyclical), as functions of the training step.
@@ -23,24 +25,31 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.square() + logvar.exp() - logvar - 1.0).sum(dim=-1)
 
 
-def scale_from_raw(raw: torch.Tensor, parameterization: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Network output -> (std, logvar) under one of the scale parameterizations.
+def std_from_raw(raw: torch.Tensor, parameterization: str) -> torch.Tensor:
+    """A network's raw scale output -> a standard deviation.
 
-    `logvar`: std = exp(raw / 2); `softplus`: std = softplus(raw) + 1e-4; `raw`: std = raw as the
-    BVAE original does (it can be negative, so its logvar - and any KL - is undefined: NaN).
+    `logvar`: std = exp(raw / 2) (raw clamped to [-20, 10]); `softplus`: std = softplus(raw) + 1e-4;
+    `raw`: std = raw, as the BVAE original (it can be negative: N(mu, raw^2) is the same Gaussian).
     """
     if parameterization == "logvar":
-        logvar = raw.clamp(-20.0, 10.0)
-        return torch.exp(0.5 * logvar), logvar
+        return torch.exp(0.5 * raw.clamp(-20.0, 10.0))
     if parameterization == "softplus":
-        std = F.softplus(raw) + 1e-4
-        return std, 2.0 * torch.log(std)
+        return F.softplus(raw) + 1e-4
     if parameterization == "raw":
-        return raw, 2.0 * torch.log(raw)
+        return raw
     raise ValueError(f"unknown scale parameterization {parameterization!r}: use logvar, softplus or raw")
 
 
-@dataclass(frozen=True)
+def gaussian_from_output(out: torch.Tensor, parameterization: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An encoder's output `(B, 2D)` (mean, raw scale) -> (mu, std, logvar). The logvar of a `raw`
+    scale is log(raw^2), finite where the std is negative."""
+    mu, raw = out.chunk(2, dim=-1)
+    std = std_from_raw(raw, parameterization)
+    logvar = raw.clamp(-20.0, 10.0) if parameterization == "logvar" else torch.log(std.square().clamp_min(1e-12))
+    return mu, std, logvar
+
+
+@dataclass
 class KLSchedule:
     """The weight of the KL term at a training step.
 
@@ -70,4 +79,4 @@ class KLSchedule:
         return self.weight * min(1.0, position / self.ramp_fraction) if self.ramp_fraction > 0 else self.weight
 
 
-__all__ = ["KLSchedule", "gaussian_kl", "reparameterize", "scale_from_raw"]
+__all__ = ["KLSchedule", "gaussian_from_output", "gaussian_kl", "reparameterize", "std_from_raw"]

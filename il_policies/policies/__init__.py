@@ -1,17 +1,13 @@
-"""Policies: the interface, the registry, and one module per policy.
+"""Policies: the interface (`base`), their configs (`config`), the lazy registry, one module per policy.
 
-Every module in this package other than `base` and `registry` is imported here, and registers
-its policy with `@register_policy("name")`: adding a policy means adding a file.
+Adding a policy means adding its module here and its name to `registry.POLICY_MODULES`.
 """
 
-import importlib
-import pkgutil
-
-from il_policies.policies.base import Policy, PolicyConfig
+from il_policies.policies.base import Policy
+from il_policies.policies.config import ActionWindow, PolicyConfig, TrainingPreset
 from il_policies.policies.registry import available_policies, load_policy, make_policy, register_policy
 
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name not in ("base", "registry"):
-        importlib.import_module(f"{__name__}.{_module.name}")
-
-__all__ = ["Policy", "PolicyConfig", "available_policies", "load_policy", "make_policy", "register_policy"]
+__all__ = [
+    "ActionWindow", "Policy", "PolicyConfig", "TrainingPreset", "available_policies", "load_policy", "make_policy",
+    "register_policy",
+]

@@ -28,7 +28,7 @@ every step's image gets its own column block of 2D positions.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -39,17 +39,17 @@ from il_policies.nn.temporal_ensemble import TemporalEnsembler
 from il_policies.nn.transformer import TransformerDecoder, TransformerEncoder, sinusoidal_1d, sinusoidal_2d
 from il_policies.nn.vae import KLSchedule, gaussian_kl, reparameterize
 from il_policies.nn.vision import make_backbone
-from il_policies.policies.base import Policy, PolicyConfig
+from il_policies.policies.base import Policy
+from il_policies.policies.config import PolicyConfig, TrainingPreset
 from il_policies.policies.registry import register_policy
 
 
 @dataclass
 class ACTConfig(PolicyConfig):
+    name: str = "act"
     horizon: int = 100  # chunk_size
     n_action_steps: int = 100  # 1 with temporal ensembling
-    lr: float = 1e-5
     lr_backbone: float = 1e-5
-    weight_decay: float = 1e-4
     d_model: int = 512
     n_heads: int = 8
     dim_feedforward: int = 3200
@@ -61,15 +61,16 @@ class ACTConfig(PolicyConfig):
     pre_norm: bool = False
     latent_dim: int = 32
     use_vae: bool = True
-    kl_weight: float = 10.0
-    kl_schedule: str = "constant"  # constant | linear | cyclical (il_policies.nn.vae.KLSchedule)
-    kl_warmup_steps: int = 1000
+    kl_schedule: KLSchedule = field(default_factory=lambda: KLSchedule("constant", weight=10.0))
     backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 | conv (small CPU backbone)
     backbone_weights: str | None = None  # local torchvision state_dict file; None: random init
     frozen_bn: bool = True
     conv_channels: tuple[int, ...] = (16, 32, 64, 128, 256)  # backbone=conv: 96x96 -> 3x3, as ResNet18
     proprio_key: str = "agent_pos"
     temporal_ensemble_coeff: float | None = None  # e.g. 0.01 (the original's k), with n_action_steps=1
+    # The original's training: AdamW at a constant 1e-5, weight decay 1e-4, no gradient clipping, no EMA.
+    training_preset: TrainingPreset = field(default_factory=lambda: TrainingPreset(
+        lr=1e-5, weight_decay=1e-4, lr_scheduler="constant", lr_warmup_steps=0, grad_clip=0.0))
 
     def __post_init__(self):
         super().__post_init__()
@@ -134,7 +135,6 @@ class ACTPolicy(Policy):
         for p in [*self.encoder.parameters(), *self.decoder.parameters()]:
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)  # as DETR / ACT
-        self.kl_schedule = KLSchedule(c.kl_schedule, c.kl_weight, c.kl_warmup_steps)
 
     # ---- the network (tokens are sequence-first: (S, B, D)) --------------------------------------
     def _image_tokens(self, nobs) -> torch.Tensor:
@@ -192,7 +192,7 @@ class ACTPolicy(Policy):
         metrics["l1"] = loss.item()
         if self.config.use_vae:
             kl = gaussian_kl(mu, logvar).mean()
-            weight = self.kl_schedule(self.training_step)
+            weight = self.config.kl_schedule(self.training_step)
             loss = loss + weight * kl
             metrics |= {"kl": kl.item(), "kl_weight": weight}
         return loss, metrics
@@ -206,7 +206,7 @@ class ACTPolicy(Policy):
         return groups
 
     # ---- inference ------------------------------------------------------------------------------
-    def _predict_action_chunk(self, obs):
+    def _predict_action_chunk(self, obs, generator=None):
         nobs = self.normalizer.normalize_obs(obs)
         batch = next(iter(nobs.values())).shape[0]
         latent = self.latent_proj.weight.new_zeros(batch, self.config.latent_dim)  # z = 0: the prior's mean
@@ -219,9 +219,10 @@ class ACTPolicy(Policy):
         self.ensembler = TemporalEnsembler(coeff, self.config.horizon) if coeff is not None else None
 
     @torch.inference_mode()
-    def select_action(self, obs):
+    def select_action(self, obs, generator=None):
         if self.ensembler is None:
-            return super().select_action(obs)
+            return super().select_action(obs, generator)
+        self.eval()
         _, batched, as_numpy = self._observe(obs)  # temporal ensembling: a new chunk every step
-        action = self.ensembler.update(self._predict_action_chunk(self._stacked_history()))
+        action = self.ensembler.update(self._run_network(self._stacked_history(), generator))
         return self._deliver(action, batched, as_numpy)

@@ -5,8 +5,9 @@ Conventions:
   "action_is_pad": (B, horizon)}` in raw units, images float CHW in [0, 1]
   (see `il_policies.data.dataset.prepare_batch`). Policies normalize internally with
   `self.normalizer`, which lives in their state_dict.
-- A policy implements `compute_loss(batch)` and `_predict_action_chunk(obs)`: the network, from
-  `{key: (B, n_obs_steps, *shape)}` to `(B, horizon, A)` raw actions, the first for the current step.
+- A policy implements `compute_loss(batch)` and `_predict_action_chunk(obs, generator)`: the network,
+  from `{key: (B, n_obs_steps, *shape)}` to `(B, horizon, A)` raw actions for the steps of its
+  `ActionWindow` (`config.action_window()`: the Workspace samples training windows from it).
 - The base class turns that into the robot-facing `select_action(obs)` / `predict_action_chunk(obs)`:
   observations checked and converted (numpy or torch, one step or a batch), the observation
   history and the action queue kept here, actions clipped to the recorded bounds and returned as
@@ -18,8 +19,7 @@ from __future__ import annotations
 import abc
 import copy
 from collections import deque
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -28,30 +28,8 @@ from torch import nn
 
 from il_policies.data.dataset import prepare_batch
 from il_policies.data.normalizer import Normalizer
+from il_policies.policies.config import ActionWindow, PolicyConfig
 from il_policies.policies.observations import check_observation
-
-
-@dataclass
-class PolicyConfig:
-    """Options every policy has. Subclasses add their own fields and checks in `__post_init__`."""
-
-    n_obs_steps: int = 1  # observations the policy sees: the current one and n_obs_steps - 1 before it
-    horizon: int = 1  # actions predicted per network call, starting at the current step
-    n_action_steps: int = 1  # actions of each chunk executed before the network runs again
-    lr: float = 1e-3
-    weight_decay: float = 1e-6
-    # Normalization mode per kind (low_dim / rgb / action) or per key: gaussian | minmax | identity.
-    normalization: dict[str, str] = field(default_factory=dict)
-    image_norm_per_pixel: bool = False
-
-    def __post_init__(self):
-        for name in ("n_obs_steps", "horizon", "n_action_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_action_steps > self.horizon:
-            raise ValueError(
-                f"n_action_steps ({self.n_action_steps}) cannot exceed the predicted horizon ({self.horizon})"
-            )
 
 
 class Policy(nn.Module, abc.ABC):
@@ -65,6 +43,8 @@ class Policy(nn.Module, abc.ABC):
         self.obs_keys = sorted(shape_meta["obs"])
         self.action_dim = int(shape_meta["action"]["shape"][0])
         self.normalizer = Normalizer(shape_meta, config.normalization, per_pixel=config.image_norm_per_pixel)
+        self.window: ActionWindow = config.action_window()
+        self._backend: Callable | None = None
         self._init_episode_state()
         self.training_step = 0
         self.register_buffer("action_low", torch.full((self.action_dim,), -torch.inf))
@@ -95,9 +75,18 @@ class Policy(nn.Module, abc.ABC):
 
     # ---- inference ----------------------------------------------------------------------------
     @abc.abstractmethod
-    def _predict_action_chunk(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def _predict_action_chunk(self, obs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         """The network: `{key: (B, n_obs_steps, *shape)}` (images float CHW in [0, 1]) -> `(B, horizon, A)`
-        actions in raw units, the first for the current step."""
+        actions in raw units for the steps t + window.start, ...; a sampling policy draws its noise
+        from `generator` (torch's global generator when None)."""
+
+    def use_backend(self, network: Callable | None) -> None:
+        """Run `network(obs, generator)` in place of `_predict_action_chunk` (an exported runtime, a
+        compiled graph: `il_policies.accel.backends`); None goes back to the policy's own network."""
+        self._backend = network
+
+    def _run_network(self, obs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        return (self._backend or self._predict_action_chunk)(obs, generator)
 
     def _init_episode_state(self) -> None:
         """Create the per-episode state (policies with more, e.g. an ensembler, extend this)."""
@@ -126,39 +115,45 @@ class Policy(nn.Module, abc.ABC):
             "action_high": self.action_high.tolist(),
             "fps": task.get("fps"),
             "task": task.get("name"),
-            "n_obs_steps": self.config.n_obs_steps,
-            "horizon": self.config.horizon,
-            "n_action_steps": self.config.n_action_steps,
+            "n_obs_steps": self.window.n_obs_steps,
+            "horizon": self.window.horizon,
+            "action_start": self.window.start,
+            "n_action_steps": self.window.n_action_steps,
         }
 
     @torch.inference_mode()
-    def select_action(self, obs: Mapping[str, Any]) -> Any:
+    def select_action(self, obs: Mapping[str, Any], generator: torch.Generator | None = None) -> Any:
         """One step of observations -> the action to execute now, in raw (robot) units.
 
         `obs` holds one step `{key: (*shape)}` or a batch `{key: (B, *shape)}` (see
         `observations.check_observation` for what is accepted). The policy keeps the last
-        `n_obs_steps` observations itself and runs the network only when its action queue is empty.
-        The action is clipped to the recorded bounds: numpy `(A,)` / `(B, A)` for numpy input, else
-        a tensor `(B, A)` / `(A,)`.
+        `n_obs_steps` observations itself and runs the network only when its action queue is empty,
+        then queues the chunk's actions for steps t .. t + n_action_steps - 1. The action is clipped
+        to the recorded bounds: numpy `(A,)` / `(B, A)` for numpy input, else a tensor `(B, A)` /
+        `(A,)`. Puts the policy in eval mode.
         """
+        self.eval()
         step, batched, as_numpy = self._observe(obs)
         if not self._action_queue:
-            chunk = self._predict_action_chunk(self._stacked_history())
-            self._action_queue.extend(chunk[:, : self.config.n_action_steps].unbind(dim=1))
+            chunk = self._run_network(self._stacked_history(), generator)
+            now = self.window.current
+            self._action_queue.extend(chunk[:, now : now + self.window.n_action_steps].unbind(dim=1))
         return self._deliver(self._action_queue.popleft(), batched, as_numpy)
 
     @torch.inference_mode()
-    def predict_action_chunk(self, obs: Mapping[str, Any]) -> Any:
-        """The whole predicted chunk `(horizon, A)` (or `(B, horizon, A)`), for callers that schedule
-        actions themselves.
+    def predict_action_chunk(self, obs: Mapping[str, Any], generator: torch.Generator | None = None) -> Any:
+        """The predicted actions from the current step on, `(horizon - current, A)` (or with a batch
+        dimension), for callers that schedule actions themselves. Puts the policy in eval mode.
 
         Given one step of robot observations, the observation is added to the history first. Given
         model-format tensors `{key: (B, n_obs_steps, *shape)}`, the network runs on them directly.
         """
+        self.eval()
+        now = self.window.current
         if self._is_model_format(obs):
-            return self._clip(self._predict_action_chunk(obs))
+            return self._clip(self._run_network(obs, generator)[:, now:])
         _, batched, as_numpy = self._observe(obs)
-        chunk = self._predict_action_chunk(self._stacked_history())
+        chunk = self._run_network(self._stacked_history(), generator)[:, now:]
         return self._deliver(chunk, batched, as_numpy)
 
     def _observe(self, obs: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], bool, bool]:

@@ -17,8 +17,9 @@ from einops import rearrange
 
 from il_policies.nn import ObservationEncoder, mlp
 from il_policies.nn.losses import masked_mean
-from il_policies.policies.base import Policy, PolicyConfig
-from il_policies.policies.generative import StackedObservationEncoder
+from il_policies.nn.observation_vae import StackedObservationEncoder
+from il_policies.policies.base import Policy
+from il_policies.policies.config import PolicyConfig
 from il_policies.policies.registry import register_policy
 
 ENCODERS = ("conv", "conv_vae")
@@ -26,6 +27,7 @@ ENCODERS = ("conv", "conv_vae")
 
 @dataclass
 class BCConfig(PolicyConfig):
+    name: str = "bc"
     encoder: str = "conv"  # conv | conv_vae
     hidden_dims: tuple[int, ...] = (256, 256)  # the MLP head (conv_vae: the low-dim-only MLP)
     dropout: float = 0.0  # in the MLP head (conv)
@@ -68,5 +70,5 @@ class BCPolicy(Policy):
         loss = masked_mean((predicted - target).square(), batch.get("action_is_pad"))
         return loss, {"action_mse": loss.item()}
 
-    def _predict_action_chunk(self, obs):
+    def _predict_action_chunk(self, obs, generator=None):
         return self.normalizer.unnormalize("action", self._predict_normalized(self.normalizer.normalize_obs(obs)))

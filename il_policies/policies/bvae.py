@@ -17,7 +17,7 @@ One encoder E and one decoder D, shared by two passes, everything in normalized 
 
 MSEs are means, so each term reads in standard deviations of the training data. Action terms are
 masked by `action_is_pad`; obs terms are means over the observation groups (image, low-dim; see
-`generative.ObservationVAE`). Chunks and history are flattened: latent = horizon * action_dim,
+`il_policies.nn.observation_vae`). Chunks and history are flattened: latent = horizon * action_dim,
 observations = n_obs_steps frames stacked. Inference: `action = mu_a(E(o))`, no sampling.
 
 A term whose weight is 0 is skipped in training steps and computed without a graph in eval mode, so
@@ -34,20 +34,10 @@ import torch
 from einops import rearrange
 
 from il_policies.nn.losses import masked_mean
-from il_policies.nn.vae import KLSchedule, gaussian_kl
+from il_policies.nn.observation_vae import ObservationVAE, obs_mse, sample_pack
+from il_policies.nn.vae import gaussian_from_output, gaussian_kl, reparameterize
 from il_policies.policies.base import Policy
-from il_policies.policies.generative import (
-    GenerativeConfig,
-    ObservationVAE,
-    display_image,
-    obs_mse,
-    pack_std,
-    posterior,
-    sample_pack,
-    tile_grid,
-    traversal_grid,
-    write_png,
-)
+from il_policies.policies.generative import GenerativeConfig
 from il_policies.policies.registry import register_policy
 
 TERMS = ("action_supervised", "obs_supervised", "obs_recon", "action_recon")
@@ -55,6 +45,7 @@ TERMS = ("action_supervised", "obs_supervised", "obs_recon", "action_recon")
 
 @dataclass
 class BVAEConfig(GenerativeConfig):
+    name: str = "bvae"
     loss_weights: dict = field(default_factory=lambda: dict.fromkeys(TERMS, 1.0))  # a term left out weighs 0
 
     def __post_init__(self):
@@ -72,8 +63,7 @@ class BVAEPolicy(Policy):
     def __init__(self, config: BVAEConfig, shape_meta):
         super().__init__(config, shape_meta)
         self.latent_dim = config.horizon * self.action_dim
-        self.vae = ObservationVAE(config, shape_meta["obs"], config.n_obs_steps, self.latent_dim)
-        self.kl_schedule = KLSchedule(**config.kl_schedule)
+        self.vae = ObservationVAE(shape_meta["obs"], config.n_obs_steps, self.latent_dim, **config.vae_options())
 
     # ---- the two passes -----------------------------------------------------------------------
     def _grad(self, *terms: str):
@@ -94,14 +84,13 @@ class BVAEPolicy(Policy):
             return masked_mean((rearrange(prediction, "b (h a) -> b h a", a=self.action_dim) - a).square(), is_pad)
 
         # Network 1: o -> a -> o
-        mu_a, s_a, logvar_a = posterior(vae.encode(o), cfg.scale)
+        mu_a, s_a, logvar_a = gaussian_from_output(vae.encode(o), cfg.scale)
         terms = {"action_supervised": action_mse(mu_a), "kl": gaussian_kl(mu_a, logvar_a).mean()}
         every = not self.training  # training steps skip the terms with weight 0; validation reports all
         if every or self._trained("obs_recon"):
             with self._grad("obs_recon"):
-                z = mu_a + s_a * torch.randn_like(s_a) * cfg.noise_scale
-                mu_o, raw_o = vae.decode(z)
-                o_hat = sample_pack(mu_o, pack_std(raw_o, cfg.scale), cfg.noise_scale)
+                mu_o, raw_o = vae.decode(reparameterize(mu_a, s_a, cfg.noise_scale))
+                o_hat = sample_pack(mu_o, raw_o, cfg.scale, cfg.noise_scale)
                 terms["obs_recon"] = obs_mse(o_hat, o)
         # Network 2: a -> o -> a
         if every or self._trained("obs_supervised", "action_recon"):
@@ -109,15 +98,15 @@ class BVAEPolicy(Policy):
                 mu_o2, raw_o2 = vae.decode(a_flat)
                 terms["obs_supervised"] = obs_mse(mu_o2, o)
             with self._grad("action_recon"):
-                o_tilde = sample_pack(mu_o2, pack_std(raw_o2, cfg.scale), cfg.noise_scale)
-                mu_a2, s_a2, _ = posterior(vae.encode(o_tilde), cfg.scale)
-                a_tilde = mu_a2 + s_a2 * torch.randn_like(s_a2) * cfg.noise_scale
+                o_tilde = sample_pack(mu_o2, raw_o2, cfg.scale, cfg.noise_scale)
+                mu_a2, s_a2, _ = gaussian_from_output(vae.encode(o_tilde), cfg.scale)
+                a_tilde = reparameterize(mu_a2, s_a2, cfg.noise_scale)
                 terms["action_recon"] = action_mse(a_tilde)
         return terms
 
     def compute_loss(self, batch):
         terms = self.loss_terms(batch)
-        beta = self.kl_schedule(self.training_step)
+        beta = self.config.kl_schedule(self.training_step)
         weighted = [w * terms[t] for t, w in self.config.loss_weights.items() if w]
         if beta:
             weighted.append(beta * terms["kl"])
@@ -127,9 +116,9 @@ class BVAEPolicy(Policy):
 
     # ---- inference ----------------------------------------------------------------------------
     def _mu(self, obs) -> torch.Tensor:
-        return self.vae.encode_observation(obs, self.normalizer)[:, : self.latent_dim]
+        return self.vae.encode(self.vae.pack(self.normalizer.normalize_obs(obs)))[:, : self.latent_dim]
 
-    def _predict_action_chunk(self, obs):
+    def _predict_action_chunk(self, obs, generator=None):
         mu = rearrange(self._mu(obs), "b (h a) -> b h a", a=self.action_dim)
         return self.normalizer.unnormalize("action", mu)
 
@@ -147,6 +136,8 @@ class BVAEPolicy(Policy):
     def visualize(self, batch, out_dir) -> list:
         """`latent_traversal.png` (rows: action coordinates -2..+2 SD around a real sample's latent)
         and `action_to_obs.png` (top: real images; bottom: D(true action)). Image policies only."""
+        from il_policies.visualization import display_image, tile_grid, traversal_grid, write_png
+
         if not self.vae.rgb_keys:
             return []
         obs = self.normalizer.normalize_obs(batch["obs"])

@@ -1,17 +1,32 @@
-"""Name-based policy factory: `@register_policy("name")`, `make_policy`, `load_policy`."""
+"""Name-based policy factory: `make_policy`, `load_policy`, `@register_policy("name")`.
+
+The registry is lazy: a name maps to the module that defines the policy, imported on first use, so
+that loading one policy on a robot imports that policy's code and dependencies only. A policy
+defined elsewhere registers itself with `@register_policy` when its module is imported, or adds its
+module to `POLICY_MODULES`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from il_policies.checkpoint import CheckpointError, read_checkpoint
-from il_policies.policies.base import Policy, PolicyConfig
+from il_policies.policies.base import Policy
+from il_policies.policies.config import PolicyConfig, config_from_dict
 
+POLICY_MODULES = {
+    "act": "il_policies.policies.act",
+    "bc": "il_policies.policies.bc",
+    "bvae": "il_policies.policies.bvae",
+    "vae_nn": "il_policies.policies.vae_nn",
+}
 _REGISTRY: dict[str, type[Policy]] = {}
 
 
@@ -19,6 +34,8 @@ def register_policy(name: str):
     def decorate(cls: type[Policy]) -> type[Policy]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"policy name {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        if cls.config_class.name != name:
+            raise ValueError(f"{cls.config_class.__qualname__}.name is {cls.config_class.name!r}; the registered name is {name!r}")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -27,42 +44,31 @@ def register_policy(name: str):
 
 
 def available_policies() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(set(POLICY_MODULES) | set(_REGISTRY))
 
 
 def policy_class(name: str) -> type[Policy]:
+    if name not in _REGISTRY and name in POLICY_MODULES:
+        importlib.import_module(POLICY_MODULES[name])
     if name not in _REGISTRY:
         raise ValueError(f"unknown policy {name!r}; available: {', '.join(available_policies())}")
     return _REGISTRY[name]
 
 
-def make_config(name: str, options: Mapping[str, Any]) -> PolicyConfig:
-    """Build the policy's config dataclass from a plain mapping (e.g. a Hydra `policy` group)."""
-    config_class = policy_class(name).config_class
-    known = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(options) - known - {"name"})
-    if unknown:
-        raise ValueError(f"policy {name!r} has no option(s) {unknown}; its options are {sorted(known)}")
-    values = {}
-    for key, value in options.items():
-        if key == "name":
-            continue
-        values[key] = tuple(value) if isinstance(value, list) else value
-    return config_class(**values)
+def make_config(options: Mapping[str, Any]) -> PolicyConfig:
+    """The policy's config dataclass from a mapping with its `name` (e.g. a Hydra `policy` group)."""
+    omegaconf = sys.modules.get("omegaconf")  # a Hydra config node; never imported here (a robot has no omegaconf)
+    if omegaconf is not None and isinstance(options, omegaconf.DictConfig):
+        options = omegaconf.OmegaConf.to_container(options, resolve=True)
+    if "name" not in options:
+        raise ValueError(f"a policy config needs a 'name' (one of {', '.join(available_policies())})")
+    return config_from_dict(policy_class(options["name"]).config_class, options, where=f"policy {options['name']!r}:")
 
 
-def make_policy(cfg: Mapping[str, Any], shape_meta: Mapping[str, Any]) -> Policy:
-    """`cfg` is the policy config group: `{"name": "bc", ...options}` (a dict or an OmegaConf node)."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # load_policy on a robot does not need omegaconf
-        pass
-    cfg = dict(cfg)
-    config = make_config(cfg["name"], cfg)
-    return policy_class(cfg["name"])(config, shape_meta)
+def make_policy(options: Mapping[str, Any] | PolicyConfig, shape_meta: Mapping[str, Any]) -> Policy:
+    """A policy from its config (a dataclass, or a mapping such as the Hydra `policy` group)."""
+    config = options if isinstance(options, PolicyConfig) else make_config(options)
+    return policy_class(config.name)(config, shape_meta)
 
 
 def config_to_dict(config: PolicyConfig) -> dict[str, Any]:
@@ -85,8 +91,7 @@ def load_policy(checkpoint_path: str | os.PathLike, device: str | torch.device =
     for key in ("policy_name", "policy_config", "shape_meta", "policy_state"):
         if key not in payload:
             raise CheckpointError(f"checkpoint {checkpoint_path} has no {key!r} entry")
-    config = make_config(payload["policy_name"], payload["policy_config"])
-    policy = policy_class(payload["policy_name"])(config, payload["shape_meta"])
+    policy = make_policy({**payload["policy_config"], "name": payload["policy_name"]}, payload["shape_meta"])
     policy.load_state_dict(payload["policy_state"])
     if not bool(policy.normalizer.fitted):
         raise CheckpointError(f"checkpoint {checkpoint_path} holds a policy whose normalizer was never fitted")
@@ -97,5 +102,5 @@ def load_policy(checkpoint_path: str | os.PathLike, device: str | torch.device =
     }
     policy = policy.to(device).eval()
     if compile:
-        policy._predict_action_chunk = torch.compile(policy._predict_action_chunk)
+        policy.use_backend(torch.compile(policy._predict_action_chunk))
     return policy

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,8 @@ from il_policies.data.store import TrajectoryStore
 from il_policies.envs import task_from_config
 from il_policies.envs.demos import check_store_matches_task, generate_demos
 from il_policies.policies import make_policy
-from il_policies.policies.registry import config_to_dict
+from il_policies.policies.registry import config_to_dict, make_config
+from il_policies.training.config import resolved_training_preset
 from il_policies.training.distributed import DistributedContext, GlobalBatchOrder
 from il_policies.training.logger import RunLogger
 
@@ -68,8 +69,10 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
 
 
 class Workspace:
-    def __init__(self, cfg: DictConfig, output_dir: str | Path):
+    def __init__(self, cfg: DictConfig, output_dir: str | Path, on_round: Callable[[int, dict[str, float]], None] | None = None):
+        """`on_round(step, metrics)` is called after every validation round (e.g. to keep learning curves)."""
         self.cfg = cfg
+        self.on_round = on_round
         self.output_dir = Path(output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.ctx = DistributedContext.from_env()
@@ -83,19 +86,22 @@ class Workspace:
         if cfg.training.num_threads:
             torch.set_num_threads(int(cfg.training.num_threads))
         seed_everything(cfg.seed)
+        policy_config = make_config(cfg.policy)  # a bad option is refused before any data is generated
+        window = policy_config.action_window()  # the windows the policy sees and predicts
         self.task = task_from_config(cfg.task)
         if self.task is not None:
             self._ensure_dataset(Path(cfg.task.dataset_path))
         self.dataset = SequenceDataset.from_store(
             cfg.task.dataset_path,
-            n_obs_steps=cfg.policy.n_obs_steps,
-            horizon=cfg.policy.horizon,
+            n_obs_steps=window.n_obs_steps,
+            horizon=window.horizon,
+            action_offset=window.start,
             val_ratio=cfg.data.val_ratio,
             seed=cfg.seed,
             max_train_episodes=cfg.data.max_train_episodes,
         )
         self.val_dataset = self.dataset.get_validation_dataset()
-        self.policy = make_policy(cfg.policy, self.dataset.shape_meta)
+        self.policy = make_policy(policy_config, self.dataset.shape_meta)
         fit_data = self.dataset.fit_data()
         self.policy.normalizer.fit(fit_data, action_key=self.dataset.action_key)
         actions = fit_data[self.dataset.action_key]
@@ -119,23 +125,24 @@ class Workspace:
                 "action_high": np.asarray(self.task.action_high).tolist(),
             }
         self.policy.to(self.device)
+        # The policy's optimizer / schedule / clipping / EMA preset, with what `training.*` sets in its place.
+        self.preset = preset = resolved_training_preset(policy_config.training_preset, cfg.training)
         self.optimizer = torch.optim.AdamW(
             self.policy.optim_groups(),
-            lr=self.policy.config.lr,
-            weight_decay=self.policy.config.weight_decay,
+            lr=preset.lr,
+            betas=preset.betas,
+            weight_decay=preset.weight_decay,
             fused=True,  # one kernel for all parameters, on CPU and GPU alike
         )
         self.lr_scheduler = get_scheduler(
-            cfg.training.lr_scheduler,
+            preset.lr_scheduler,
             optimizer=self.optimizer,
-            num_warmup_steps=cfg.training.lr_warmup_steps,
+            num_warmup_steps=preset.lr_warmup_steps,
             num_training_steps=cfg.training.steps,
         )
         self.ema = None
-        if cfg.training.ema.enabled:
-            self.ema = EMAModel(
-                self.policy.parameters(), decay=cfg.training.ema.decay, power=cfg.training.ema.power, use_ema_warmup=True
-            )
+        if preset.ema.enabled:
+            self.ema = EMAModel(self.policy.parameters(), decay=preset.ema.decay, power=preset.ema.power, use_ema_warmup=True)
         self.batch_order = GlobalBatchOrder(len(self.dataset), cfg.training.batch_size, cfg.seed, self.ctx)
         self.model = self.policy
         if self.ctx.enabled:
@@ -252,12 +259,14 @@ class Workspace:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = clip_grad_norm(self.policy.parameters(), self.cfg.training.grad_clip)
+        logged = {"loss": loss.item(), "lr": self.lr_scheduler.get_last_lr()[0], **metrics}
+        if self.preset.grad_clip > 0:
+            logged["grad_norm"] = clip_grad_norm(self.policy.parameters(), self.preset.grad_clip).item()
         self.optimizer.step()
         self.lr_scheduler.step()
         if self.ema is not None:
             self.ema.step(self.policy.parameters())
-        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": self.lr_scheduler.get_last_lr()[0], **metrics}
+        return logged
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -309,6 +318,8 @@ class Workspace:
                 evaluate = self.task is not None and ((eval_every and self.step % eval_every == 0) or final)
                 if evaluate or final or self.step % cfg.training.val_every == 0:
                     summary = self._checkpoint_round(metrics, evaluate)
+                    if self.on_round is not None:
+                        self.on_round(self.step, summary)
                 elif self.step % cfg.training.checkpoint_every == 0:
                     self.save("latest")
         except KeyboardInterrupt:
