@@ -75,8 +75,6 @@ def test_train_save_load_identical_actions(name, store_fixture, request, tmp_pat
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
 def test_load_policy_with_compile_gives_the_eager_actions(name, image_store, tmp_path):
-    # The eager inference shortcuts (prepacked oneDNN weights, weight caches, thread switches) step aside
-    # under torch.compile, whose graph does that work itself; the actions must not change.
     cfg = make_cfg([*small_overrides(name), f"task.dataset_path={image_store}", "training.steps=2", "training.batch_size=8"])
     workspace = Workspace(cfg, tmp_path)
     workspace.run()

@@ -193,17 +193,19 @@ def test_two_clients_keep_their_own_episode_state(server, chunked_checkpoint):
     np.testing.assert_allclose(np.stack(results["b"]), chunk_b, rtol=1e-6)
 
 
-def test_serve_command_binds_loopback_and_answers(chunked_checkpoint):
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_serve_command_binds_loopback_and_answers(chunked_checkpoint, backend):
     process = subprocess.Popen(
-        [sys.executable, "-m", "il_policies.serve", f"checkpoint={chunked_checkpoint}", "port=0"],
+        [sys.executable, "-m", "il_policies.serve", f"checkpoint={chunked_checkpoint}", "port=0", f"backend={backend}"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ},
     )
     try:
         line = process.stdout.readline()
-        assert line.startswith("serving bc from") and "ws://127.0.0.1:" in line, process.stderr.read() if not line else line
+        assert line.startswith("serving bc from") and f"({backend}) on ws://127.0.0.1:" in line, process.stderr.read() if not line else line
         url = line.strip().split(" on ")[-1]
+        obs = {"state": np.linspace(-1, 1, 5)}
         with PolicyClient(url) as client:
-            assert client.select_action({"state": np.zeros(5)}).shape == (3,)
+            np.testing.assert_allclose(client.select_action(obs), load_policy(chunked_checkpoint).select_action(obs), rtol=1e-4, atol=2e-5)
     finally:
         process.terminate()
         process.wait(timeout=30)

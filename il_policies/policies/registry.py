@@ -75,15 +75,22 @@ def config_to_dict(config: PolicyConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def load_policy(checkpoint_path: str | os.PathLike, device: str | torch.device = "cpu", compile: bool = False,
-                num_threads: int | None = None) -> Policy:
+def load_policy(checkpoint_path: str | os.PathLike, device: str | torch.device = "cpu", backend: str = "torch",
+                accel: bool = False, compile: bool = False, num_threads: int | None = None,
+                onnx_path: str | os.PathLike | None = None) -> Policy:
     """Rebuild a policy, with its normalizer, from a checkpoint file alone (no Hydra, no dataset).
 
     The returned policy is in eval mode, on `device`, with the inference weights (EMA when trained
     with EMA). `policy.checkpoint_meta` holds the task metadata and training step, and
-    `policy.metadata` the schema a robot needs. `compile=True` wraps the network in `torch.compile`
-    (slow first call, faster later ones on some models and machines). `num_threads` sets torch's CPU
-    threads for the process.
+    `policy.metadata` the schema a robot needs.
+
+    How the network runs (the speed layer, `il_policies.accel`; every option computes the same actions):
+    - `backend="torch"`: the policy's own network in eager PyTorch; `accel=True` swaps in the faster
+      equivalent modules, `compile=True` wraps the network in `torch.compile` (slow first call).
+    - `backend="onnxruntime"` / `"openvino"`: the network exported to ONNX (cached next to the
+      checkpoint, `best.pt` -> `best.onnx`, or at `onnx_path`; re-exported when the checkpoint changes)
+      and run by that runtime on the CPU.
+    `num_threads` sets the CPU threads (torch's for the process, and the runtime's).
     """
     if num_threads is not None:
         torch.set_num_threads(num_threads)
@@ -101,6 +108,17 @@ def load_policy(checkpoint_path: str | os.PathLike, device: str | torch.device =
         "metrics": payload.get("metrics", {}),
     }
     policy = policy.to(device).eval()
+    if backend != "torch":
+        from il_policies.accel.backends import use_exported_network
+
+        if compile or torch.device(device).type != "cpu":
+            raise ValueError(f"backend={backend!r} runs on the CPU without torch.compile; use backend='torch' for device={device} or compile=True")
+        use_exported_network(policy, checkpoint_path, backend, onnx_path, num_threads)
+        return policy
+    if accel:
+        from il_policies.accel import accelerate
+
+        accelerate(policy)
     if compile:
         policy.use_backend(torch.compile(policy._predict_action_chunk))
     return policy
