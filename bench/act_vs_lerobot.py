@@ -4,44 +4,53 @@
 State 14, one 3x96x96 camera, action 14, chunk 100, ResNet18 (random init, frozen BatchNorm),
 d_model 512, batch 8 training steps and batch-1 `select_action`, fp32, 2 threads, OMP_WAIT_POLICY=PASSIVE.
 
-Both models run in worker subprocesses that this script drives in turn (the order rotates every round,
-so each worker runs in every place and after every other), so that both see the same machine load: ours with this interpreter, LeRobot's with the peer venv
-(`--peer-python`, default /work/peer-venv/bin/python; see /work/shared/bench/README.md). LeRobot's
-policy, batches and training step come from peer_lerobot.py itself (its AdamW, non-fused, as its
-training script; `--peer-fused` adds a LeRobot row with the fused AdamW our Workspace uses). Ours is
-built with `make_policy("act")` defaults and trained by the Workspace's own `_train_step` (fused AdamW
-over `optim_groups()`, lr 1e-5, weight decay 1e-4, grad clip 10, cosine schedule).
+Worker subprocesses, driven in turn (the order rotates every round, so that all see the same machine
+load): one per variant of ours with this interpreter (a robot runs one backend per process: thread pools
+of several runtimes in one process wake each other), LeRobot's with the peer venv (`--peer-python`, default
+/work/peer-venv/bin/python; see /work/shared/bench/README.md). LeRobot's policy, batches and training
+step come from peer_lerobot.py itself (its non-fused AdamW, gradient clipping at 10, as its training
+script). Ours is `make_policy("act")` with defaults, stepped by `Workspace._train_step` itself (fused
+AdamW over `optim_groups()`, lr 1e-5, weight decay 1e-4, a constant schedule; clipping at 10 as LeRobot's
+step, although ACT's own preset clips nothing). Our variants:
+
+    torch        the reference network, eager
+    accel        the speed layer's module swaps (il_policies.accel.accelerate; training.accel=true)
+    onnxruntime  the accelerated network exported to ONNX, run by onnxruntime (inference only)
+    openvino     the same file run by OpenVINO (inference only)
 
     training step   forward + backward + clip + optimizer step (+ zero_grad), median
-    model call      policy.reset(); select_action(obs)  (the network runs), median
+    model call      policy.reset(); select_action(obs) (the network runs), median
 
-Ratios: the median of all of ours over the median of all of LeRobot's, and (`*_paired_*`) the
-ratio within each round, its median and range over the rounds: the host's speed drifts by up to
-~1.5x within a minute, and the two models inside one round are timed seconds apart.
+Ratios to LeRobot: the median over the median, and paired (the ratio within each round, whose runs
+are seconds apart: the host's speed drifts by up to ~1.5x within a minute), its median and range.
+"% of peak": LeRobot's FLOPs (FlopCounterMode, 135 GFLOP per training step, 2.06 per call) over the
+time, against the fp32 matmul peak (2048^2 matmul, 2 threads; the median of one measurement per round).
 
-`--check` first loads LeRobot's weights into our model and compares the outputs (same function).
+`--check` first loads LeRobot's weights into our model and compares the outputs (the same function).
 Prints a table and, last, one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 PEER_BENCH = Path(os.environ.get("PEER_BENCH", "/work/shared/bench"))
 STATE, ACTION, IMAGE, CHUNK = 14, 14, (3, 96, 96), 100
 NOMINAL_GFLOP = {"train": 135.0, "infer": 2.06}  # LeRobot's ACT, peer_flops.py (FlopCounterMode)
+TRAIN_VARIANTS = ("torch", "accel")
+INFER_VARIANTS = ("torch", "accel", "onnxruntime", "openvino")
 
 
-# ---------------------------------------------------------------------------------------------------
-# workers: read one JSON command per line on stdin, answer one JSON line on stdout
-# ---------------------------------------------------------------------------------------------------
 def _timed(fn, n):
     times = []
     for _ in range(n):
@@ -51,41 +60,41 @@ def _timed(fn, n):
     return times
 
 
-def _flops(fn) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops() / 1e9
-
-
+# ---------------------------------------------------------------------------------------------------
+# workers: read one JSON command per line on stdin, answer one JSON line on stdout
+# ---------------------------------------------------------------------------------------------------
 class OursWorker:
-    def __init__(self, accel: bool):
+    def __init__(self, variant: str):
         import torch
         from types import SimpleNamespace
 
         from diffusers.optimization import get_scheduler
 
         from il_policies import make_policy
+        from il_policies.accel import accelerate
+        from il_policies.accel.backends import RUNTIMES, export_onnx
         from il_policies.training.distributed import DistributedContext
         from il_policies.training.workspace import Workspace
 
         torch.manual_seed(0)
         meta = {"obs": {"agent_pos": {"shape": (STATE,), "kind": "low_dim"}, "image": {"shape": IMAGE, "kind": "rgb"}},
                 "action": {"shape": (ACTION,)}}
-        self.torch, self.meta = torch, meta
-        self.policy = policy = make_policy({"name": "act"}, meta)
-        if accel:
-            from il_policies.accel import accelerate
-
-            accelerate(policy)
-        # Exactly the Workspace's optimizer and step (Workspace._build / Workspace._train_step).
-        optimizer = torch.optim.AdamW(policy.optim_groups(), lr=policy.config.lr, weight_decay=policy.config.weight_decay, fused=True)
-        self.shim = SimpleNamespace(
-            model=policy, policy=policy, step=0, ctx=DistributedContext(), optimizer=optimizer, ema=None,
-            cfg=SimpleNamespace(training=SimpleNamespace(grad_clip=10.0)),
-            lr_scheduler=get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=0, num_training_steps=10**6),
-        )
+        self.torch = torch
+        self.reference = reference = make_policy({"name": "act"}, meta)
+        policy = accelerate(copy.deepcopy(reference)) if variant == "accel" else reference
+        if variant in RUNTIMES:
+            path = export_onnx(reference, Path(tempfile.mkdtemp(prefix="act_bench_")) / "act.onnx")
+            policy.use_backend(RUNTIMES[variant](path))
+        self.policies = {variant: policy}
+        self.shims = {}
+        for name in set(TRAIN_VARIANTS) & {variant}:  # exactly the Workspace's optimizer and step (Workspace._build / _train_step)
+            policy, preset = self.policies[name], reference.config.training_preset
+            optimizer = torch.optim.AdamW(policy.optim_groups(), lr=preset.lr, weight_decay=preset.weight_decay, fused=True)
+            self.shims[name] = SimpleNamespace(
+                model=policy, policy=policy, step=0, ctx=DistributedContext(), optimizer=optimizer, ema=None,
+                preset=SimpleNamespace(grad_clip=10.0),  # as LeRobot's step
+                lr_scheduler=get_scheduler("constant", optimizer=optimizer),
+            )
         self._train_step = Workspace._train_step
 
     def batch(self, size):
@@ -96,56 +105,44 @@ class OursWorker:
     def obs(self):
         return {"agent_pos": self.torch.randn(1, STATE), "image": self.torch.rand(1, *IMAGE)}
 
-    def train(self, n, size=8):
+    def train(self, variant, n, size=8):
+        shim = self.shims[variant]
+
         def step():
-            self._train_step(self.shim, self.batch(size))
-            self.shim.step += 1
+            self._train_step(shim, self.batch(size))
+            shim.step += 1
         return _timed(step, n)
 
-    def infer(self, n):
-        self.policy.eval()
+    def infer(self, variant, n):
+        policy = self.policies[variant]
+
         def call():
-            self.policy.reset()
-            self.policy.select_action(self.obs())
+            policy.reset()
+            policy.select_action(self.obs())
         return _timed(call, n)
 
-    def queue(self, n):
-        self.policy.eval()
-        self.policy.reset()
-        self.policy.select_action(self.obs())
-        return _timed(lambda: self.policy.select_action(self.obs()), n)
+    def queue(self, variant, n):
+        policy = self.policies[variant]
+        policy.reset()
+        policy.select_action(self.obs())
+        return _timed(lambda: policy.select_action(self.obs()), n)
 
     def info(self):
-        torch, policy = self.torch, self.policy
-        policy.train()
-        batch = self.batch(8)
-        def train_flops():
-            loss, _ = policy.compute_loss(batch)
-            loss.backward()
-        train = _flops(train_flops)
-        policy.zero_grad(set_to_none=True)
-        policy.eval()
-        stacked = {k: v[:1] for k, v in batch["obs"].items()}
-        # Forward only, grad mode on (FlopCounterMode's module tracker fails under no_grad/inference_mode
-        # when a module gets a parameter as input, as our decoder gets its query embeddings).
-        infer = _flops(lambda: policy._predict_action_chunk(stacked))
-        a = torch.randn(2048, 2048)
-        b = torch.randn(2048, 2048)
-        best = min(_timed(lambda: a @ b, 5))
-        return {"params": sum(p.numel() for p in policy.parameters()), "train_gflop": round(train, 2),
-                "infer_gflop": round(infer, 3), "matmul_gflops": round(2 * 2048**3 / best / 1e9, 1),
-                "torch": torch.__version__}
+        return {"params": sum(p.numel() for p in self.reference.parameters()), "torch": self.torch.__version__}
+
+    def peak(self):
+        """The fp32 matmul peak now: the best of five 2048^2 products, GFLOP/s."""
+        a, b = self.torch.randn(2048, 2048), self.torch.randn(2048, 2048)
+        return {"gflops": round(2 * 2048**3 / min(_timed(lambda: a @ b, 5)) / 1e9, 1)}
 
     def check(self, path):
-        """Load LeRobot's weights (dumped by the peer worker) and compare outputs."""
+        """Load LeRobot's weights (dumped by the peer worker) into a fresh copy of ours and compare outputs."""
         torch = self.torch
         dump = torch.load(path, weights_only=True)
-        ours = self.policy
+        ours = copy.deepcopy(self.reference)
         ours.load_state_dict(map_lerobot_state(dump["state"], ours.state_dict()), strict=True)
-        ours.eval()
         obs = {"agent_pos": dump["state_obs"][:, None], "image": dump["image"][:, None]}
         chunk = ours.predict_action_chunk(obs)  # unfitted normalizer = identity, as the peer's normalized inputs
-        nobs = {k: v for k, v in obs.items()}
         for m in ours.modules():  # dropout off, training mode: the CVAE encoder runs
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
@@ -153,7 +150,7 @@ class OursWorker:
                 m.dropout = 0.0
         ours.train()
         with torch.no_grad():
-            mu, logvar = ours._posterior(nobs, dump["action"], dump["action_is_pad"])
+            mu, logvar = ours._posterior(obs, dump["action"], dump["action_is_pad"])
         return {"chunk_max_abs_diff": float((chunk - dump["chunk"]).abs().max()),
                 "chunk_scale": float(dump["chunk"].abs().max()),
                 "mu_max_abs_diff": float((mu - dump["mu"]).abs().max()),
@@ -161,7 +158,7 @@ class OursWorker:
 
 
 def map_lerobot_state(theirs, ours_state):
-    """LeRobot ACT parameter names -> ours (same tensors; the 1x1 image projection becomes a Linear)."""
+    """LeRobot ACT parameter names -> ours (the same tensors)."""
     backbone = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6", "layer4": "7"}
     renames = [
         ("model.vae_encoder_cls_embed.", "vae_cls."), ("model.vae_encoder_robot_state_input_proj.", "vae_proprio_proj."),
@@ -190,20 +187,20 @@ def map_lerobot_state(theirs, ours_state):
 
 
 class PeerWorker:
-    def __init__(self, fused=False):
+    def __init__(self):
         import torch
 
         sys.path.insert(0, str(PEER_BENCH))
         import peer_lerobot as P
 
-        torch.set_num_threads(2)
         torch.manual_seed(0)
         self.P, self.torch = P, torch
         self.policy, self.cfg, lr, wd, *_ = P.build_case("act_img")
-        self.optimizer = torch.optim.AdamW(self.policy.get_optim_params(), lr=lr, weight_decay=wd, **({"fused": True} if fused else {}))
+        self.optimizer = torch.optim.AdamW(self.policy.get_optim_params(), lr=lr, weight_decay=wd)
 
-    def train(self, n, size=8):
+    def train(self, variant, n, size=8):
         policy, torch = self.policy, self.torch
+
         def step():  # as peer_lerobot.run_case (lerobot_train.update_policy)
             batch = self.P.make_train_batch(self.cfg, size, True, "act")
             policy.train()
@@ -215,14 +212,15 @@ class PeerWorker:
             loss.item()
         return _timed(step, n)
 
-    def infer(self, n):
+    def infer(self, variant, n):
         self.policy.eval()
+
         def call():
             self.policy.reset()
             self.policy.select_action(self.P.make_obs(True))
         return _timed(call, n)
 
-    def queue(self, n):
+    def queue(self, variant, n):
         self.policy.eval()
         self.policy.reset()
         self.policy.select_action(self.P.make_obs(True))
@@ -261,9 +259,11 @@ def worker_main(kind: str):
     import torch
 
     torch.set_num_threads(2)
-    worker = OursWorker(accel=kind == "ours_accel") if kind.startswith("ours") else PeerWorker(fused=kind == "lerobot_fused")
-    worker.train(2)  # warm-up
-    worker.infer(2)
+    variant = kind.removeprefix("ours-")
+    worker = OursWorker(variant) if kind.startswith("ours-") else PeerWorker()
+    if variant in TRAIN_VARIANTS or kind == "lerobot":  # warm-up
+        worker.train(variant, 2)
+    worker.infer(variant, 2)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -307,7 +307,15 @@ class Worker:
 
 
 def med_ms(xs):
-    return round(statistics.median(xs) * 1000, 2)
+    return round(statistics.median(xs) * 1000, 2) if xs else None
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "?"
 
 
 def main():
@@ -315,10 +323,8 @@ def main():
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--peer-python", default="/work/peer-venv/bin/python")
     ap.add_argument("--rounds", type=int, default=5, help="alternation rounds")
-    ap.add_argument("--train-steps", type=int, default=4, help="training steps per worker per round")
-    ap.add_argument("--infer-calls", type=int, default=10, help="model-running select_action calls per worker per round")
-    ap.add_argument("--peer-fused", action="store_true",
-                    help="also run LeRobot with fused AdamW (a second LeRobot process speeds up the first: see bench/ACT.md)")
+    ap.add_argument("--train-steps", type=int, default=2, help="training steps per variant per round")
+    ap.add_argument("--infer-calls", type=int, default=8, help="model-running select_action calls per variant per round")
     ap.add_argument("--check", action="store_true", help="load LeRobot's weights into ours and compare outputs")
     ap.add_argument("--out", help="write the JSON result here too")
     args = ap.parse_args()
@@ -326,87 +332,83 @@ def main():
         return worker_main(args.worker)
 
     t0 = time.perf_counter()
-    peer_ok = Path(args.peer_python).exists()
-    workers = {"ours": Worker(sys.executable, "ours"), "ours_accel": Worker(sys.executable, "ours_accel")}
-    if peer_ok:
+    workers = {v: Worker(sys.executable, f"ours-{v}") for v in INFER_VARIANTS}
+    if Path(args.peer_python).exists():
         workers["lerobot"] = Worker(args.peer_python, "lerobot")
-        if args.peer_fused:
-            workers["lerobot_fused"] = Worker(args.peer_python, "lerobot_fused")
     else:
         print(f"LeRobot not found at {args.peer_python}: measuring ours only", file=sys.stderr)
-    result = {"bench": "act_vs_lerobot", "info": {k: w("info") for k, w in workers.items()}, "rounds": args.rounds}
-    if args.check and peer_ok:
-        dump = Path("/tmp") / f"act_vs_lerobot_{os.getpid()}.pt"
+    result = {"bench": "act_vs_lerobot", "cpu": cpu_model(), "info": {k: w("info") for k, w in workers.items()},
+              "rounds": args.rounds, "train_steps": args.train_steps, "infer_calls": args.infer_calls}
+    if args.check and "lerobot" in workers:
+        dump = Path(tempfile.gettempdir()) / f"act_vs_lerobot_{os.getpid()}.pt"
         workers["lerobot"]("dump", path=str(dump))
-        checker = Worker(sys.executable, "ours")  # a fresh one, so the timed model keeps its own weights
-        result["check"] = checker("check", path=str(dump))
-        checker.close()
+        result["check"] = workers["torch"]("check", path=str(dump))
         dump.unlink()
-    times = {k: {"train": [], "infer": [], "queue": []} for k in workers}
-    per_round = {k: {"train": [], "infer": []} for k in workers}  # each round's median, for paired ratios
-    names = list(workers)
+    jobs = {"train": [(v, v) for v in TRAIN_VARIANTS], "infer": [(v, v) for v in INFER_VARIANTS]}
+    if "lerobot" in workers:
+        jobs = {kind: [*js, ("lerobot", "lerobot")] for kind, js in jobs.items()}
+    rows = sorted({v for js in jobs.values() for _, v in js}, key=[*INFER_VARIANTS, "lerobot"].index)
+    times = {v: {"train": [], "infer": [], "queue": []} for v in rows}
+    per_round = {v: {"train": [], "infer": []} for v in rows}
+    peaks = []
     for r in range(args.rounds):
-        # Every worker takes every place in the order, after every other worker: with three workers a plain
-        # forward/backward alternation left LeRobot's always in the middle, and that place alone ran 5-9 %
-        # faster (its non-fused AdamW beat the fused one in all three such runs).
-        turn = r % len(names)
-        order = names[turn:] + names[:turn]
-        if (r // len(names)) % 2:
-            order.reverse()
-        for kind in ("train", "infer"):
-            for k in order:
+        peaks.append(workers["torch"]("peak")["gflops"])
+        for kind, js in jobs.items():
+            order = js[r % len(js):] + js[: r % len(js)]  # every job takes every place, after every other
+            if (r // len(js)) % 2:
+                order.reverse()
+            for worker, variant in order:
                 n = args.train_steps if kind == "train" else args.infer_calls
-                got = workers[k](kind, n=n)["times"]
-                times[k][kind] += got
-                per_round[k][kind].append(statistics.median(got))
-        for k in order:
-            times[k]["queue"] += workers[k]("queue", n=5)["times"]
+                got = workers[worker](kind, variant=variant, n=n)["times"]
+                times[variant][kind] += got
+                per_round[variant][kind].append(statistics.median(got))
+        for worker, variant in jobs["infer"]:
+            times[variant]["queue"] += workers[worker]("queue", variant=variant, n=5)["times"]
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{k} train {med_ms(v['train'])} ms infer {med_ms(v['infer'])} ms" for k, v in times.items()), file=sys.stderr)
+            f"{v} train {med_ms(t['train'])} infer {med_ms(t['infer'])} ms" for v, t in times.items()), file=sys.stderr)
     for w in workers.values():
         w.close()
 
-    summary = {k: {"train_step_ms": med_ms(v["train"]), "model_call_ms": med_ms(v["infer"]), "queue_call_ms": med_ms(v["queue"]),
-                   "n_train": len(v["train"]), "n_infer": len(v["infer"])} for k, v in times.items()}
-    peak = result["info"]["ours"]["matmul_gflops"]
-    for k, s in summary.items():
+    peak = statistics.median(peaks)
+    result["matmul_peak_gflops"] = {"median": peak, "per_round": peaks}
+    summary = {}
+    for v, t in times.items():
+        s = {"train_step_ms": med_ms(t["train"]), "model_call_ms": med_ms(t["infer"]), "queue_call_ms": med_ms(t["queue"])}
         for what, key in (("train", "train_step_ms"), ("infer", "model_call_ms")):
-            gflops = NOMINAL_GFLOP[what] / (s[key] / 1000)
-            s[f"{what}_gflops_nominal"] = round(gflops, 1)
-            s[f"{what}_frac_of_130"] = round(gflops / 130, 3)
-            s[f"{what}_frac_of_measured_peak"] = round(gflops / peak, 3)
-    ours_info = result["info"]["ours"]
-    summary["ours"]["train_gflops_executed"] = round(ours_info["train_gflop"] / (summary["ours"]["train_step_ms"] / 1000), 1)
-    summary["ours"]["infer_gflops_executed"] = round(ours_info["infer_gflop"] / (summary["ours"]["model_call_ms"] / 1000), 1)
+            if s[key]:
+                s[f"{what}_frac_of_peak"] = round(NOMINAL_GFLOP[what] / (s[key] / 1000) / peak, 3)
+        if "lerobot" in times:
+            for what, key in (("train", "train_step_ms"), ("infer", "model_call_ms")):
+                if s[key] and v != "lerobot":
+                    paired = [o / p for o, p in zip(per_round[v][what], per_round["lerobot"][what])]
+                    s[f"{what}_ratio"] = round(s[key] / summary_or(times, "lerobot", what), 3)
+                    s[f"{what}_ratio_paired"] = [round(statistics.median(paired), 3), round(min(paired), 3), round(max(paired), 3)]
+        summary[v] = s
     result["summary"] = summary
-    if "lerobot" in summary:
-        result["ratios"] = {"train_step": round(summary["ours"]["train_step_ms"] / summary["lerobot"]["train_step_ms"], 3),
-                            "model_call": round(summary["ours"]["model_call_ms"] / summary["lerobot"]["model_call_ms"], 3)}
-        # The host's speed drifts within a run: the ratio within each round (the two models timed minutes
-        # apart at most) is the paired estimate; its median and range over the rounds.
-        for kind, key in (("train", "train_step"), ("infer", "model_call")):
-            paired = [o / p for o, p in zip(per_round["ours"][kind], per_round["lerobot"][kind])]
-            result["ratios"][f"{key}_paired_median"] = round(statistics.median(paired), 3)
-            result["ratios"][f"{key}_paired_range"] = [round(min(paired), 3), round(max(paired), 3)]
-        if "lerobot_fused" in summary:
-            result["ratios"]["train_step_vs_lerobot_fused_adamw"] = round(
-                summary["ours"]["train_step_ms"] / summary["lerobot_fused"]["train_step_ms"], 3)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
 
-    print(f"\n{'':16}{'train step b8 (ms)':>20}{'model call b1 (ms)':>20}{'queue call (ms)':>17}{'train % of 130':>16}{'infer % of 130':>16}")
-    for k, s in summary.items():
-        print(f"{k:16}{s['train_step_ms']:>20}{s['model_call_ms']:>20}{s['queue_call_ms']:>17}"
-              f"{100 * s['train_frac_of_130']:>15.0f}%{100 * s['infer_frac_of_130']:>15.0f}%")
-    if "ratios" in result:
-        print(f"ratios ours/LeRobot: {result['ratios']}  (targets: train <= 0.8, model call <= 0.5)")
-    print(f"FLOPs executed by ours: train step {ours_info['train_gflop']} GFLOP, inference {ours_info['infer_gflop']} GFLOP "
-          f"(LeRobot nominal {NOMINAL_GFLOP['train']} / {NOMINAL_GFLOP['infer']}); matmul peak measured {peak} GFLOP/s")
+    print(f"\n{result['cpu']}, fp32 matmul peak {peak} GFLOP/s (2 threads; per round {min(peaks)}-{max(peaks)}); "
+          "medians, ratio = ours / LeRobot (paired median [min, max])")
+    print(f"{'':13}{'train step b8':>16}{'ratio':>30}{'% peak':>8}{'model call b1':>16}{'ratio':>30}{'% peak':>8}{'queue':>10}")
+    for v, s in summary.items():
+        def cell(what, key):
+            if not s[key]:
+                return f"{'-':>16}{'':>30}{'':>8}"
+            ratio = f"{s[what + '_ratio']} ({s[what + '_ratio_paired'][0]} [{s[what + '_ratio_paired'][1]}, {s[what + '_ratio_paired'][2]}])" \
+                if what + "_ratio" in s else ""
+            return f"{s[key]:>13} ms{ratio:>30}{100 * s[what + '_frac_of_peak']:>7.0f}%"
+        print(f"{v:13}{cell('train', 'train_step_ms')}{cell('infer', 'model_call_ms')}{s['queue_call_ms']:>7} ms")
+    print("targets (issue 10): accel training <= 0.75; onnxruntime model call <= 0.30 and >= 50 % of peak; torch model call <= 0.8")
     if "check" in result:
         print(f"same function as LeRobot's ACT (its weights loaded into ours): {result['check']}")
     line = json.dumps(result)
     if args.out:
         Path(args.out).write_text(line + "\n")
     print(line)
+
+
+def summary_or(times, variant, what) -> float:
+    return statistics.median(times[variant][what]) * 1000
 
 
 if __name__ == "__main__":

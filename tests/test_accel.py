@@ -138,3 +138,16 @@ def test_accelerate_swaps_in_place_and_keeps_the_state_dict():
     assert type(policy.decoder.layers[0]) is ZeroTargetDecoderLayer
     assert all(type(m) is not nn.Dropout and type(m) is not nn.MultiheadAttention for m in policy.modules())
     assert policy.backbone.body[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_onednn_linear_equals_f_linear_with_gradients():
+    from il_policies.accel.swaps import ONEDNN_MIN_MACS, OneDNNLinear
+
+    torch.manual_seed(0)
+    ref = nn.Linear(512, 1024)
+    fast = swapped(ref, OneDNNLinear)
+    x = torch.randn(4, 160, 512, requires_grad=True)  # 640 rows: above ONEDNN_MIN_MACS, the oneDNN product
+    assert 640 * 512 * 1024 >= ONEDNN_MIN_MACS
+    assert_same_function(fast(x), ref(x), [*fast.parameters(), x], [*ref.parameters(), x], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x[:1, :3]), ref(x[:1, :3]))

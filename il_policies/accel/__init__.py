@@ -12,8 +12,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from il_policies.accel.swaps import FastDropout, FastMultiheadAttention, FirstTokenEncoderLayer, ZeroTargetDecoderLayer
+from il_policies.accel.swaps import (
+    FastDropout,
+    FastMultiheadAttention,
+    FirstTokenEncoderLayer,
+    OneDNNLinear,
+    ZeroTargetDecoderLayer,
+)
 from il_policies.nn.transformer import DecoderLayer, EncoderLayer
 from il_policies.nn.vision import ResNetBackbone
 
@@ -39,6 +46,8 @@ def accelerate(policy: nn.Module) -> nn.Module:
     for module in policy.modules():
         _swap(module, nn.Dropout, FastDropout)
         _swap(module, nn.MultiheadAttention, FastMultiheadAttention)
+        _swap(module, nn.Linear, OneDNNLinear)
+        _swap(module, NonDynamicallyQuantizableLinear, OneDNNLinear)  # nn.MultiheadAttention's out_proj
         if isinstance(module, ResNetBackbone):
             module.to(memory_format=torch.channels_last)
     swaps = POLICY_SWAPS.get(getattr(policy, "name", None))

@@ -48,7 +48,8 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def export_onnx(policy, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
-    """Write the policy's network to `path` (atomically) with `torch.onnx.export(dynamo=True)`."""
+    """Write the policy's network to `path` (atomically) with `torch.onnx.export(dynamo=True)`, its
+    metadata (`policy.metadata`, the config, and `metadata`) inside."""
     import onnx
 
     network = accelerate(copy.deepcopy(policy).cpu().eval())
@@ -65,7 +66,9 @@ def export_onnx(policy, path: str | os.PathLike, metadata: dict[str, Any] | None
         )
     model = program.model_proto
     entry = model.metadata_props.add()
-    entry.key, entry.value = "il_policies", json.dumps({"format": EXPORT_FORMAT, "torch": torch.__version__, **(metadata or {})})
+    info = {"format": EXPORT_FORMAT, "torch": torch.__version__, **policy.metadata,
+            "policy_config": dataclasses.asdict(policy.config), **(metadata or {})}
+    entry.key, entry.value = "il_policies", json.dumps(info)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -96,8 +99,7 @@ def cached_export(policy, checkpoint: str | os.PathLike, onnx_path: str | os.Pat
         meta = onnx_metadata(onnx_path)
         if meta.get("format") == EXPORT_FORMAT and meta.get("checkpoint_sha256") == digest and meta.get("torch") == torch.__version__:
             return onnx_path
-    return export_onnx(policy, onnx_path, {"checkpoint_sha256": digest, "checkpoint": Path(checkpoint).name, **policy.metadata,
-                                           "policy_config": dataclasses.asdict(policy.config)})
+    return export_onnx(policy, onnx_path, {"checkpoint_sha256": digest, "checkpoint": Path(checkpoint).name})
 
 
 class _Runtime:
@@ -138,7 +140,9 @@ class OpenVINONetwork(_Runtime):
         self.model = core.compile_model(core.read_model(str(path)), "CPU", {
             "INFERENCE_NUM_THREADS": num_threads or torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_PRECISION_HINT": "f32"})
-        super().__init__(Path(path), [port.get_any_name() for port in self.model.inputs])
+        # A port may carry several tensor names; the export named each input after its observation key.
+        keys = set(onnx_metadata(path).get("observations", {}))
+        super().__init__(Path(path), [next(iter(sorted(port.get_names() & keys or port.get_names()))) for port in self.model.inputs])
 
     def _run(self, feed):
         return self.model(feed)[self.model.output(0)]

@@ -7,9 +7,13 @@ and gradients.
 
 - `FastDropout` (for `nn.Dropout`): the same Bernoulli masks drawn with numpy's PCG64, seeded by
   one draw from torch's generator, instead of torch's one-thread mt19937 CPU sampler.
+- `OneDNNLinear` (for `nn.Linear`, in training): the forward product of large linears through
+  oneDNN's matmul (a private `torch.ops.mkldnn` op) instead of the default BLAS call; the backward
+  is the same two BLAS products as `F.linear`'s.
 - `FastMultiheadAttention` (for `nn.MultiheadAttention`): one matmul for the query and key
-  projections when both read the same tensor, attention dropout with `FastDropout`'s masks, and
-  `first_query`, attention for the first query alone without projecting the keys and values.
+  projections when both read the same tensor, `OneDNNLinear`'s products, attention dropout with
+  `FastDropout`'s masks, and `first_query`, attention for the first query alone without projecting
+  the keys and values.
 - `FirstTokenEncoderLayer`: an encoder's last layer when only the first position's output is read
   (ACT's CVAE encoder reads its CLS token).
 - `ZeroTargetDecoderLayer`: a decoder's first layer when its target is always zero (ACT): the
@@ -19,6 +23,7 @@ and gradients.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -58,6 +63,52 @@ class FastDropout(nn.Dropout):
         return fast_dropout(x, self.p, self.training)
 
 
+# Products of at least this many multiply-adds take oneDNN's forward matmul (smaller ones gain nothing:
+# bench/ACT.md).
+ONEDNN_MIN_MACS = 2**28
+
+
+@functools.cache
+def _onednn_available() -> bool:
+    try:
+        out = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 4), torch.ones(3, 4), torch.ones(3), "none", [], "")
+        return bool(torch.equal(out, torch.full((2, 3), 5.0)))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class _OneDNNLinearFunction(torch.autograd.Function):
+    """y = x W^T + b (x 2-D) with oneDNN's forward matmul; the backward is F.linear's two BLAS products."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad.mm(weight) if ctx.needs_input_grad[0] else None
+        grad_w = grad.t().mm(x) if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`; large CPU fp32 products with autograd on take oneDNN's forward matmul."""
+    rows = x.numel() // x.shape[-1]
+    if (not torch.is_grad_enabled() or rows * weight.numel() < ONEDNN_MIN_MACS or x.device.type != "cpu"
+            or x.dtype != torch.float32 or bias is None or torch.compiler.is_compiling() or not _onednn_available()):
+        return F.linear(x, weight, bias)
+    out = _OneDNNLinearFunction.apply(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+class OneDNNLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class FastMultiheadAttention(nn.MultiheadAttention):
     """`nn.MultiheadAttention` (sequence-first, packed input projection, no extra key/value biases)
     for `need_weights=False` calls; anything else goes to the reference implementation."""
@@ -68,10 +119,10 @@ class FastMultiheadAttention(nn.MultiheadAttention):
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
         d, w, b = self.embed_dim, self.in_proj_weight, self.in_proj_bias
         if query is key:
-            q, k = F.linear(query, w[: 2 * d], b[: 2 * d]).chunk(2, dim=-1)
+            q, k = linear(query, w[: 2 * d], b[: 2 * d]).chunk(2, dim=-1)
         else:
-            q, k = F.linear(query, w[:d], b[:d]), F.linear(key, w[d : 2 * d], b[d : 2 * d])
-        q, k, v = (self._heads(t) for t in (q, k, F.linear(value, w[2 * d :], b[2 * d :])))
+            q, k = linear(query, w[:d], b[:d]), linear(key, w[d : 2 * d], b[d : 2 * d])
+        q, k, v = (self._heads(t) for t in (q, k, linear(value, w[2 * d :], b[2 * d :])))
         if self.training and self.dropout > 0:
             scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
             if key_padding_mask is not None:
@@ -145,6 +196,6 @@ class ZeroTargetDecoderLayer(DecoderLayer):
 
 
 __all__ = [
-    "FastDropout", "FastMultiheadAttention", "FirstTokenEncoderLayer", "ZeroTargetDecoderLayer",
-    "bernoulli_keep_mask", "fast_dropout",
+    "FastDropout", "FastMultiheadAttention", "FirstTokenEncoderLayer", "OneDNNLinear", "ZeroTargetDecoderLayer",
+    "bernoulli_keep_mask", "fast_dropout", "linear",
 ]

@@ -222,7 +222,8 @@ class ACTPolicy(Policy):
     def select_action(self, obs, generator=None):
         if self.ensembler is None:
             return super().select_action(obs, generator)
-        self.eval()
+        if self.training:
+            self.eval()
         _, batched, as_numpy = self._observe(obs)  # temporal ensembling: a new chunk every step
         action = self.ensembler.update(self._run_network(self._stacked_history(), generator))
         return self._deliver(action, batched, as_numpy)

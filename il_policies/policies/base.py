@@ -132,7 +132,8 @@ class Policy(nn.Module, abc.ABC):
         to the recorded bounds: numpy `(A,)` / `(B, A)` for numpy input, else a tensor `(B, A)` /
         `(A,)`. Puts the policy in eval mode.
         """
-        self.eval()
+        if self.training:  # (eval() walks every module: not on every call)
+            self.eval()
         step, batched, as_numpy = self._observe(obs)
         if not self._action_queue:
             chunk = self._run_network(self._stacked_history(), generator)
@@ -148,7 +149,8 @@ class Policy(nn.Module, abc.ABC):
         Given one step of robot observations, the observation is added to the history first. Given
         model-format tensors `{key: (B, n_obs_steps, *shape)}`, the network runs on them directly.
         """
-        self.eval()
+        if self.training:  # (eval() walks every module: not on every call)
+            self.eval()
         now = self.window.current
         if self._is_model_format(obs):
             return self._clip(self._run_network(obs, generator)[:, now:])
