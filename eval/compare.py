@@ -11,11 +11,9 @@ std over seeds, plus the writeup's claims checked against the measurement), `cur
 held-out action_supervised vs step, mean ± std over seeds), and each run's directory (checkpoints;
 `visualizations/step_N/latent_traversal.png`, the generative claim).
 
-Budget: training dominates; on a shared 2-core CPU one BVAE step at batch 64 on 84x84 images takes
-~0.3-0.7 s, VAE+NN a little less, BC ~0.1 s; rollouts of a failing policy run 500 steps (~2-4 s).
-Rollouts are capped at `--max-episode-steps` (200; the push expert needs ~65-100, a failing
-episode costs ~30 ms per step with CPU rendering). The defaults (500 steps, 3 seeds, 10 episodes)
-take ~20-25 minutes there.
+Budget: training dominates (BVAE's step costs most, BC's least); rollouts are capped at
+`--max-episode-steps` (200; the push expert needs ~65-100 steps, a failing policy would run the
+task's 500). The README gives the wall time of the default run.
 """
 
 from __future__ import annotations

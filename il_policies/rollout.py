@@ -21,6 +21,7 @@ import imageio.v2 as imageio
 import numpy as np
 from tqdm import tqdm
 
+from il_policies.data.images import chw
 from il_policies.envs.base import Task
 
 # Demonstrations use seeds from 0 upwards; evaluation seeds start here, so they never overlap.
@@ -219,8 +220,7 @@ def check_policy_matches_task(shape_meta: dict, task: Task, source: str = "the c
     """Refuse to roll out a policy whose observation keys or shapes differ from the task's."""
 
     def network_shape(spec):
-        shape = tuple(spec.shape)
-        return (shape[2], shape[0], shape[1]) if spec.kind == "rgb" else shape
+        return chw(spec.shape) if spec.kind == "rgb" else tuple(spec.shape)
 
     expected = {key: tuple(meta["shape"]) for key, meta in shape_meta["obs"].items()}
     provided = {key: network_shape(task.keys[key]) for key in task.obs_keys}

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from il_policies.data.images import chw, to_network_image
 from il_policies.data.sampler import SequenceSampler, split_episodes
 
 __all__ = ["SequenceDataset", "collate_batch", "prepare_batch"]
@@ -151,8 +152,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         for k in self.obs_keys:
             shape = tuple(int(s) for s in _spec(self.specs[k], "shape"))
             if self.kinds[k] == "rgb":
-                h, w, c = shape
-                shape = (c, h, w)
+                shape = chw(shape)
             obs[k] = {"shape": shape, "kind": self.kinds[k]}
         action_shape = tuple(int(s) for s in _spec(self.specs[self.action_key], "shape"))
         return {"obs": obs, "action": {"shape": action_shape}}
@@ -219,18 +219,6 @@ def collate_batch(batch) -> dict:
     return _to_torch(batch)
 
 
-def _prepare_image(x: torch.Tensor, chw: tuple, key: str) -> torch.Tensor:
-    c, h, w = chw
-    if tuple(x.shape[-3:]) == (h, w, c):
-        x = x.movedim(-1, -3)  # HWC -> CHW, a view
-    elif tuple(x.shape[-3:]) != (c, h, w):
-        raise ValueError(f"rgb key {key!r}: expected trailing shape {(h, w, c)} (HWC) or "
-                         f"{(c, h, w)} (CHW), got {tuple(x.shape)}.")
-    if x.dtype == torch.uint8:
-        return x.float().div_(255.0)
-    return x.float()
-
-
 def prepare_batch(batch: dict, shape_meta: dict, device) -> dict:
     """Move a collated batch to ``device``; rgb -> float32 (..., C, H, W) in [0, 1].
 
@@ -247,7 +235,7 @@ def prepare_batch(batch: dict, shape_meta: dict, device) -> dict:
                 x = torch.as_tensor(x).to(device, non_blocking=True)
                 meta = obs_meta.get(k)
                 if meta is not None and meta.get("kind") == "rgb":
-                    obs[k] = _prepare_image(x, tuple(meta["shape"]), k)
+                    obs[k] = to_network_image(x, meta["shape"], k)
                 elif meta is not None:
                     obs[k] = x.float()
                 else:

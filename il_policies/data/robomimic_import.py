@@ -12,7 +12,7 @@ obs/<key> becomes store key <key> ("rgb" for uint8 (T, H, W, 3), else "low_dim" 
 
 The reading mirrors robomimic.utils.file_utils (get_env_metadata_from_dataset,
 get_demos_for_filter_key) and SequenceDataset's demo sort with plain h5py, because importing
-robomimic.utils.file_utils costs ~10 s (torch, robomimic.algo) and prints a warning on stdout;
+robomimic.utils.file_utils imports torch and all of robomimic.algo and prints a warning on stdout;
 tests/test_robomimic_import.py checks that both agree.  Every problem raises StoreError with
 one sentence naming the file and, where relevant, the demo and the key.
 """

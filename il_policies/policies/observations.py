@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from il_policies.data.images import hwc, is_image_shape
+
 
 class ObservationError(ValueError):
     """An observation that is missing, mis-shaped, of the wrong dtype, or not finite."""
@@ -46,11 +48,9 @@ def check_observation(obs: Mapping[str, Any], shape_meta: Mapping) -> tuple[dict
             is_uint8 = dtype in (torch.uint8, np.uint8)
             if not (is_uint8 or is_float):
                 raise ObservationError(f"observation {key!r} has dtype {dtype}; images must be uint8 (0-255) or float (0-1)")
-            channels_last = (shape[1], shape[2], shape[0])
-            step_shape = tuple(value.shape[-3:])
-            if step_shape not in (shape, channels_last) or value.ndim not in (3, 4):
+            if not is_image_shape(value.shape[-3:], shape) or value.ndim not in (3, 4):
                 raise ObservationError(
-                    f"observation {key!r} has shape {tuple(value.shape)}; expected {channels_last} (HWC) or {shape} (CHW), "
+                    f"observation {key!r} has shape {tuple(value.shape)}; expected {hwc(shape)} (HWC) or {shape} (CHW), "
                     "optionally with a leading batch dimension"
                 )
             batched = value.ndim == 4
