@@ -27,23 +27,30 @@ never terminates on success (``terminated`` is always False) and truncates at st
 
 from __future__ import annotations
 
-import atexit
-import weakref
+from il_policies.envs.rendering import close_renderer, make_renderer  # before dm_control / mujoco
 
-import il_policies.envs.rendering  # noqa: F401  (must precede dm_control / mujoco)
+from typing import Any
 
-from typing import Any  # noqa: E402
+import gymnasium as gym
+import numpy as np
+from dm_control.suite import base as dm_base
+from gym_aloha.constants import START_ARM_POSE
+from gym_aloha.tasks.sim import InsertionTask, TransferCubeTask
 
-import gymnasium as gym  # noqa: E402
-import numpy as np  # noqa: E402
-from dm_control import mujoco as dm_mujoco  # noqa: E402
-from dm_control.rl import control  # noqa: E402
-from dm_control.suite import base as dm_base  # noqa: E402
-from gym_aloha.constants import ASSETS_DIR, DT, START_ARM_POSE  # noqa: E402
-from gym_aloha.tasks.sim import InsertionTask, TransferCubeTask  # noqa: E402
-
-from il_policies.data.store import KeySpec  # noqa: E402
-from il_policies.envs.base import Task  # noqa: E402
+from il_policies.data.store import KeySpec
+from il_policies.envs.aloha_expert import AlohaScriptedExpert
+from il_policies.envs.aloha_scene import (
+    ALOHA_TASKS,
+    ENV_STATE_DIM,
+    MAX_EPISODE_STEPS,
+    MAX_REWARD,
+    check_task,
+    load_physics,
+    make_dm_env,
+    object_qpos_slice,
+    sample_object_pose,
+)
+from il_policies.envs.base import Task
 
 __all__ = [
     "ALOHA_TASKS",
@@ -53,19 +60,9 @@ __all__ = [
     "sample_object_pose",
 ]
 
-ALOHA_TASKS = ("transfer_cube", "insertion")
 ALOHA_TASK_NAMES = tuple(n for t in ALOHA_TASKS for n in (f"aloha_{t}", f"aloha_{t}_image"))
-MAX_EPISODE_STEPS = 400
 FPS = 50.0
-MAX_REWARD = 4
-ENV_STATE_DIM = {"transfer_cube": 7, "insertion": 14}
 CAMERAS = ("top", "angle", "front_close", "left_pillar", "right_pillar", "left_wrist", "right_wrist")
-
-# Object placement ranges (x, y, z) of gym-aloha's samplers (gym_aloha/utils.py); quaternions are identity.
-_RANGES = {
-    "transfer_cube": [((0.0, 0.2), (0.4, 0.6), (0.05, 0.05))],
-    "insertion": [((0.1, 0.2), (0.4, 0.6), (0.05, 0.05)), ((-0.2, -0.1), (0.4, 0.6), (0.05, 0.05))],
-}
 
 # Arm joint limits (the position actuators' ctrlrange in gym-aloha's XML) and the gripper command
 # range [0, 1] (0 = closed, 1 = open; the finger actuators clip it to [0.065, 0.975]).
@@ -73,57 +70,6 @@ _ARM_LOW = np.array([-3.14158, -1.85005, -1.76278, -3.14158, -1.8675, -3.14158],
 _ARM_HIGH = np.array([3.14158, 1.25664, 1.6057, 3.14158, 2.23402, 3.14158], dtype=np.float32)
 ACTION_LOW = np.concatenate([_ARM_LOW, [0.0], _ARM_LOW, [0.0]]).astype(np.float32)
 ACTION_HIGH = np.concatenate([_ARM_HIGH, [1.0], _ARM_HIGH, [1.0]]).astype(np.float32)
-
-
-def _check_task(task: str) -> None:
-    if task not in ALOHA_TASKS:
-        raise ValueError(f"Unknown ALOHA task {task!r}; known tasks: {', '.join(ALOHA_TASKS)}")
-
-
-def sample_object_pose(task: str, seed: int) -> np.ndarray:
-    """Object pose(s) for `seed`: (7,) cube [xyz, wxyz] or (14,) peg + socket. Seed alone decides."""
-    _check_task(task)
-    rng = np.random.default_rng(int(seed))
-    poses = []
-    for ranges in _RANGES[task]:
-        lo, hi = np.array(ranges, dtype=np.float64).T
-        poses += [rng.uniform(lo, hi), np.array([1.0, 0.0, 0.0, 0.0])]
-    return np.concatenate(poses)
-
-
-def load_physics(task: str, end_effector: bool = False) -> dm_mujoco.Physics:
-    """gym-aloha's MuJoCo scene for `task` (joint-space, or the mocap end-effector version)."""
-    _check_task(task)
-    prefix = "bimanual_viperx_end_effector_" if end_effector else "bimanual_viperx_"
-    return dm_mujoco.Physics.from_xml_path(str(ASSETS_DIR / f"{prefix}{task}.xml"))
-
-
-def object_qpos_slice(task: str) -> slice:
-    """Where the free-joint object poses live in qpos (after the 16 robot joints)."""
-    return slice(16, 16 + ENV_STATE_DIM[task])
-
-
-# Renderers still open at exit are closed before the EGL display goes away (otherwise MuJoCo's
-# `Renderer.__del__` prints EGL errors at interpreter shutdown). The hook is registered after the
-# first Renderer exists, i.e. after mujoco.egl registered its own teardown, so it runs before it.
-_LIVE_RENDERERS: "weakref.WeakSet" = weakref.WeakSet()
-_ATEXIT_REGISTERED = False
-
-
-def _close_renderers() -> None:
-    for renderer in list(_LIVE_RENDERERS):
-        try:
-            renderer.close()
-        except Exception:  # noqa: BLE001 - best effort at shutdown
-            pass
-
-
-def _track_renderer(renderer) -> None:
-    global _ATEXIT_REGISTERED
-    _LIVE_RENDERERS.add(renderer)
-    if not _ATEXIT_REGISTERED:
-        atexit.register(_close_renderers)
-        _ATEXIT_REGISTERED = True
 
 
 class _PoseMixin:
@@ -152,14 +98,6 @@ class _InsertionJointTask(_PoseMixin, InsertionTask):
     aloha_task = "insertion"
 
 
-def make_dm_env(physics: dm_mujoco.Physics, dm_task: dm_base.Task) -> control.Environment:
-    """dm_control environment as gym-aloha builds it (the time limit is ours to enforce)."""
-    return control.Environment(
-        physics, dm_task, time_limit=float("inf"), control_timestep=DT, n_sub_steps=None,
-        flat_observation=False,
-    )
-
-
 class AlohaJointEnv(gym.Env):
     """gym-aloha's joint-space ALOHA task; see the module docstring."""
 
@@ -174,7 +112,7 @@ class AlohaJointEnv(gym.Env):
         max_episode_steps: int = MAX_EPISODE_STEPS,
     ):
         super().__init__()
-        _check_task(task)
+        check_task(task)
         if camera not in CAMERAS:
             raise ValueError(f"Unknown camera {camera!r}; known cameras: {', '.join(CAMERAS)}")
         self.task, self.image, self.image_size, self.camera = task, bool(image), int(image_size), camera
@@ -203,21 +141,9 @@ class AlohaJointEnv(gym.Env):
     def _render_camera(self, size: int | None = None) -> np.ndarray:
         size = self.image_size if size is None else int(size)
         if self._renderer is None or self._renderer.height != size:
-            import mujoco
-
-            model = self._physics.model.ptr
-            model.vis.quality.shadowsize = 0
-            model.vis.quality.offsamples = 0
-            model.vis.global_.offwidth = max(model.vis.global_.offwidth, size)
-            model.vis.global_.offheight = max(model.vis.global_.offheight, size)
             if self._renderer is not None:
-                self._renderer.close()
-            self._renderer = mujoco.Renderer(model, height=size, width=size)
-            _track_renderer(self._renderer)
-            flags = self._renderer.scene.flags
-            flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
-            flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
-            flags[mujoco.mjtRndFlag.mjRND_SKYBOX] = 0
+                close_renderer(self._renderer)
+            self._renderer = make_renderer(self._physics.model.ptr, size, size, skybox=False)
         self._renderer.update_scene(self._physics.data.ptr, camera=self.camera)
         return self._renderer.render()
 
@@ -262,14 +188,8 @@ class AlohaJointEnv(gym.Env):
 
     def close(self):
         if self._renderer is not None:
-            self._renderer.close()
+            close_renderer(self._renderer)
             self._renderer = None
-
-
-def _make_expert(task: str, noise: float):
-    from il_policies.envs.aloha_expert import AlohaScriptedExpert
-
-    return AlohaScriptedExpert(task, noise=noise)
 
 
 def make_aloha_task(
@@ -295,19 +215,13 @@ def make_aloha_task(
     else:
         keys["env_state"] = KeySpec((ENV_STATE_DIM[name],), "float32", "low_dim")
     keys["action"] = KeySpec((14,), "float32", "action")
-    what = {
-        "transfer_cube": "right arm picks the red cube and hands it over to the left arm",
-        "insertion": "right arm picks the peg, left arm the socket; insert the peg into the socket",
-    }[name]
     return Task(
         name=f"aloha_{name}" + ("_image" if image else ""),
         keys=keys,
         make_env=lambda: AlohaJointEnv(name, image=image, image_size=image_size, camera=camera),
-        make_expert=lambda: _make_expert(name, expert_noise),
+        make_expert=lambda: AlohaScriptedExpert(name, noise=expert_noise),
         max_episode_steps=MAX_EPISODE_STEPS,
         fps=FPS,
         action_low=ACTION_LOW.copy(),
         action_high=ACTION_HIGH.copy(),
-        default_horizons={"n_obs_steps": 1, "horizon": 100},
-        description=f"ALOHA sim (gym-aloha, 14-dim joint-position control, 50 Hz): {what}.",
     )

@@ -12,6 +12,8 @@ Alignment: action t is the joint configuration the end-effector rollout reached 
 
 from __future__ import annotations
 
+import il_policies.envs.rendering  # noqa: F401  (must precede dm_control / mujoco)
+
 from typing import Any
 
 import numpy as np
@@ -19,10 +21,10 @@ from dm_control.suite import base as dm_base
 from gym_aloha.constants import normalize_puppet_gripper_position
 from gym_aloha.tasks.sim_end_effector import InsertionEndEffectorTask, TransferCubeEndEffectorTask
 
-from il_policies.envs.aloha import (
+from il_policies.envs.aloha_scene import (
     MAX_EPISODE_STEPS,
     MAX_REWARD,
-    _check_task,
+    check_task,
     load_physics,
     make_dm_env,
     object_qpos_slice,
@@ -145,7 +147,7 @@ def waypoints(task: str, object_pose: np.ndarray, init_left: np.ndarray, init_ri
             (400, m + [0.05, 0, lift], pick_r, 0),
         ]
     else:
-        _check_task(task)
+        check_task(task)
     return left, right
 
 
@@ -208,7 +210,7 @@ class AlohaScriptedExpert:
     """
 
     def __init__(self, task: str, noise: float = 0.0, n_steps: int = MAX_EPISODE_STEPS):
-        _check_task(task)
+        check_task(task)
         self.task, self.noise, self.n_steps = task, float(noise), int(n_steps)
         self._pose: np.ndarray | None = None
         self._plan: dict[str, np.ndarray] | None = None

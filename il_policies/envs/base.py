@@ -6,7 +6,7 @@ rollout harness and the Workspace only ever talk to this interface.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import gymnasium as gym
@@ -41,9 +41,6 @@ class Task:
     fps: float
     action_low: np.ndarray
     action_high: np.ndarray
-    # Horizons that work well for this task; policy configs may override them.
-    default_horizons: dict[str, int] = field(default_factory=lambda: {"n_obs_steps": 1, "horizon": 1})
-    description: str = ""
 
     @property
     def action_key(self) -> str:

@@ -15,13 +15,11 @@ The expert is metaworld's own scripted policy for the task (`metaworld.policies`
 
 from __future__ import annotations
 
-import il_policies.envs.rendering  # noqa: F401  (must precede the first `import mujoco`)
+from il_policies.envs.rendering import close_renderer, make_renderer  # before the first `import mujoco`
 
-import atexit
 import functools
 import re
 import warnings
-import weakref
 from typing import Any
 
 import gymnasium as gym
@@ -72,33 +70,6 @@ def _env_constants(env_name: str) -> tuple[float, int]:
     finally:
         env.close()
     return float(fps), int(cls.max_path_length)
-
-
-_LIVE_RENDERERS: weakref.WeakSet = weakref.WeakSet()
-_atexit_registered = False
-
-
-def _close_renderer(renderer: mujoco.Renderer) -> None:
-    try:
-        renderer.close()
-    except Exception:  # EGL already torn down: drop the handles so __del__ does not retry noisily
-        renderer._gl_context = None
-        renderer._mjr_context = None
-
-
-def _close_live_renderers() -> None:
-    for renderer in list(_LIVE_RENDERERS):
-        _close_renderer(renderer)
-
-
-def _track(renderer: mujoco.Renderer) -> None:
-    # mujoco.egl registers eglTerminate with atexit when the first context is made; registering after
-    # that makes this hook run first (atexit is LIFO), so open renderers are freed while EGL is alive.
-    global _atexit_registered
-    _LIVE_RENDERERS.add(renderer)
-    if not _atexit_registered:
-        atexit.register(_close_live_renderers)
-        _atexit_registered = True
 
 
 class MetaWorldEnv(gym.Env):
@@ -155,18 +126,7 @@ class MetaWorldEnv(gym.Env):
     # ---------------------------------------------------------------- rendering
     def _get_renderer(self) -> mujoco.Renderer:
         if self._renderer is None:
-            model = self._mw.model
-            # Cheap rendering: no shadow map, no multisampling (these size the offscreen buffers, so
-            # they must be set before the GL context is made), no shadows or reflections.
-            model.vis.quality.shadowsize = 0
-            model.vis.quality.offsamples = 0
-            model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.image_size)
-            model.vis.global_.offheight = max(model.vis.global_.offheight, self.image_size)
-            renderer = mujoco.Renderer(model, self.image_size, self.image_size)
-            renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
-            renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
-            self._renderer = renderer
-            _track(renderer)
+            self._renderer = make_renderer(self._mw.model, self.image_size, self.image_size)
         return self._renderer
 
     def render(self) -> np.ndarray:
@@ -217,7 +177,7 @@ class MetaWorldEnv(gym.Env):
 
     def close(self):
         if self._renderer is not None:
-            _close_renderer(self._renderer)
+            close_renderer(self._renderer)
             self._renderer = None
         self._mw.close()
 
@@ -292,10 +252,4 @@ def make_metaworld_task(
         fps=fps,
         action_low=-np.ones(ACTION_DIM, dtype=np.float32),
         action_high=np.ones(ACTION_DIM, dtype=np.float32),
-        default_horizons={"n_obs_steps": 1, "horizon": 1},
-        description=(
-            f"Meta-World {env_name} (MT1 goal/object variation drawn from the reset seed, goal "
-            f"observable), {'image from ' + repr(camera) + f' at {image_size}px + agent_pos' if image else '39-dim state'}; "
-            f"expert: metaworld scripted policy."
-        ),
     )
