@@ -1,6 +1,7 @@
 """gym-aloha's ALOHA scenes as both the joint-space env (`aloha.py`) and the scripted expert
 (`aloha_expert.py`) load them: task names, episode constants, seeded object poses, physics and the
-dm_control environment around it. Imports nothing else from this package but the rendering set-up.
+dm_control environment around it. Imports nothing else from this package but the rendering set-up
+and the task names.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dm_control import mujoco as dm_mujoco
 from dm_control.rl import control
 from dm_control.suite import base as dm_base
 from gym_aloha.constants import ASSETS_DIR, DT
+
+from il_policies.envs import ALOHA_TASKS  # the task names, known without importing a simulator
 
 __all__ = [
     "ALOHA_TASKS",
@@ -25,7 +28,6 @@ __all__ = [
     "sample_object_pose",
 ]
 
-ALOHA_TASKS = ("transfer_cube", "insertion")
 MAX_EPISODE_STEPS = 400
 MAX_REWARD = 4
 ENV_STATE_DIM = {"transfer_cube": 7, "insertion": 14}
