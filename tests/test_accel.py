@@ -151,3 +151,13 @@ def test_onednn_linear_equals_f_linear_with_gradients():
     assert_same_function(fast(x), ref(x), [*fast.parameters(), x], [*ref.parameters(), x], rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(fast(x[:1, :3]), ref(x[:1, :3]))
+
+
+@pytest.mark.parametrize("size,out", [((11, 11), 4), ((12, 7), (3, 5)), ((4, 4), 4), ((5, 9), 1)])
+def test_matmul_adaptive_average_pooling_equals_torchs(size, out):
+    from il_policies.accel.swaps import MatmulAdaptiveAvgPool2d
+
+    torch.manual_seed(0)
+    ref = nn.AdaptiveAvgPool2d(out)
+    x = torch.randn(2, 6, *size, requires_grad=True)
+    assert_same_function(swapped(ref, MatmulAdaptiveAvgPool2d)(x), ref(x), [x], [x])

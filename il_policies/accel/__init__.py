@@ -18,6 +18,7 @@ from il_policies.accel.swaps import (
     FastDropout,
     FastMultiheadAttention,
     FirstTokenEncoderLayer,
+    MatmulAdaptiveAvgPool2d,
     OneDNNLinear,
     ZeroTargetDecoderLayer,
 )
@@ -48,6 +49,7 @@ def accelerate(policy: nn.Module) -> nn.Module:
         _swap(module, nn.MultiheadAttention, FastMultiheadAttention)
         _swap(module, nn.Linear, OneDNNLinear)
         _swap(module, NonDynamicallyQuantizableLinear, OneDNNLinear)  # nn.MultiheadAttention's out_proj
+        _swap(module, nn.AdaptiveAvgPool2d, MatmulAdaptiveAvgPool2d)
         if isinstance(module, ResNetBackbone):
             module.to(memory_format=torch.channels_last)
     swaps = POLICY_SWAPS.get(getattr(policy, "name", None))

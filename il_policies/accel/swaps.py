@@ -14,6 +14,8 @@ and gradients.
   projections when both read the same tensor, `OneDNNLinear`'s products, attention dropout with
   `FastDropout`'s masks, and `first_query`, attention for the first query alone without projecting
   the keys and values.
+- `MatmulAdaptiveAvgPool2d` (for `nn.AdaptiveAvgPool2d`): the window averages as two products with
+  averaging matrices, which an ONNX runtime runs as two matmuls instead of index gathers and masks.
 - `FirstTokenEncoderLayer`: an encoder's last layer when only the first position's output is read
   (ACT's CVAE encoder reads its CLS token).
 - `ZeroTargetDecoderLayer`: a decoder's first layer when its target is always zero (ACT): the
@@ -174,6 +176,24 @@ class FastMultiheadAttention(nn.MultiheadAttention):
         return self.out_proj(rearrange(mixed, "b h q c -> q b (h c)"))
 
 
+def _averaging_matrix(size: int, out: int, like: torch.Tensor) -> torch.Tensor:
+    """(out, size): row i averages adaptive pooling's window i, [floor(i * size / out), ceil((i + 1) * size / out))."""
+    matrix = torch.zeros(out, size, dtype=like.dtype, device=like.device)
+    for i in range(out):
+        start, end = (i * size) // out, -((-(i + 1) * size) // out)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+class MatmulAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_h, out_w = (self.output_size, self.output_size) if isinstance(self.output_size, int) else self.output_size
+        if out_h is None or out_w is None:
+            return super().forward(x)
+        rows, cols = _averaging_matrix(x.shape[-2], out_h, x), _averaging_matrix(x.shape[-1], out_w, x)
+        return rows @ x @ cols.T
+
+
 class FirstTokenEncoderLayer(EncoderLayer):
     """`EncoderLayer` computing the first position only: (1, B, D)."""
 
@@ -196,6 +216,6 @@ class ZeroTargetDecoderLayer(DecoderLayer):
 
 
 __all__ = [
-    "FastDropout", "FastMultiheadAttention", "FirstTokenEncoderLayer", "OneDNNLinear", "ZeroTargetDecoderLayer",
+    "FastDropout", "FastMultiheadAttention", "FirstTokenEncoderLayer", "MatmulAdaptiveAvgPool2d", "OneDNNLinear", "ZeroTargetDecoderLayer",
     "bernoulli_keep_mask", "fast_dropout", "linear",
 ]
