@@ -36,13 +36,13 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from workers import Worker, cpu_model, matmul_peak_gflops, serve
 
 PEER_BENCH = Path(os.environ.get("PEER_BENCH", "/work/shared/bench"))
 STATE, ACTION, IMAGE, CHUNK = 14, 14, (3, 96, 96), 100
@@ -131,9 +131,7 @@ class OursWorker:
         return {"params": sum(p.numel() for p in self.reference.parameters()), "torch": self.torch.__version__}
 
     def peak(self):
-        """The fp32 matmul peak now: the best of five 2048^2 products, GFLOP/s."""
-        a, b = self.torch.randn(2048, 2048), self.torch.randn(2048, 2048)
-        return {"gflops": round(2 * 2048**3 / min(_timed(lambda: a @ b, 5)) / 1e9, 1)}
+        return {"gflops": round(matmul_peak_gflops(self.torch), 1)}
 
     def check(self, path):
         """Load LeRobot's weights (dumped by the peer worker) into a fresh copy of ours and compare outputs."""
@@ -264,58 +262,14 @@ def worker_main(kind: str):
     if variant in TRAIN_VARIANTS or kind == "lerobot":  # warm-up
         worker.train(variant, 2)
     worker.infer(variant, 2)
-    print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        name = cmd.pop("cmd")
-        if name == "quit":
-            break
-        result = getattr(worker, name)(**cmd)
-        print(json.dumps(result if isinstance(result, dict) else {"times": result}), flush=True)
+    serve(worker)
 
 
 # ---------------------------------------------------------------------------------------------------
 # the driver
 # ---------------------------------------------------------------------------------------------------
-class Worker:
-    def __init__(self, python, kind):
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2",
-               "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-        self.kind = kind
-        self.proc = subprocess.Popen([python, os.path.abspath(__file__), "--worker", kind], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env, cwd=str(Path(__file__).resolve().parents[1]))
-        self._read()
-
-    def _read(self):
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker {self.kind} died (rc={self.proc.wait()})")
-        return json.loads(line)
-
-    def __call__(self, cmd, **kw):
-        self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self):
-        try:
-            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-            self.proc.stdin.flush()
-        except BrokenPipeError:
-            pass
-        self.proc.wait(timeout=60)
-
-
 def med_ms(xs):
     return round(statistics.median(xs) * 1000, 2) if xs else None
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "?"
 
 
 def main():
@@ -332,9 +286,10 @@ def main():
         return worker_main(args.worker)
 
     t0 = time.perf_counter()
-    workers = {v: Worker(sys.executable, f"ours-{v}") for v in INFER_VARIANTS}
+    env = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    workers = {v: Worker(__file__, f"ours-{v}", env=env) for v in INFER_VARIANTS}
     if Path(args.peer_python).exists():
-        workers["lerobot"] = Worker(args.peer_python, "lerobot")
+        workers["lerobot"] = Worker(__file__, "lerobot", python=args.peer_python, env=env)
     else:
         print(f"LeRobot not found at {args.peer_python}: measuring ours only", file=sys.stderr)
     result = {"bench": "act_vs_lerobot", "cpu": cpu_model(), "info": {k: w("info") for k, w in workers.items()},

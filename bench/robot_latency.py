@@ -20,19 +20,16 @@ line last.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from workers import REPO, Worker, cpu_model, matmul_peak_gflops, serve
 
-REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
     "image": {"obs": {"agent_pos": {"shape": (4,), "kind": "low_dim"}, "image": {"shape": (3, 84, 84), "kind": "rgb"}},
               "action": {"shape": (4,)}},
@@ -122,65 +119,16 @@ class LatencyWorker:
         return {"local": local[3:], "remote": remote[3:]}
 
     def peak(self) -> dict:
-        a, b = self.torch.randn(2048, 2048), self.torch.randn(2048, 2048)
-        best = min(timed(lambda: a @ b) for _ in range(5))
-        return {"gflops": 2 * 2048**3 / best / 1e9}
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+        return {"gflops": matmul_peak_gflops(self.torch)}
 
 
 def worker_main(argv) -> None:
     policy, backend, shapes, threads = argv
-    worker = LatencyWorker(policy, backend, shapes, int(threads))
-    print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        name = cmd.pop("cmd")
-        if name == "quit":
-            break
-        print(json.dumps(getattr(worker, name)(**cmd)), flush=True)
-
-
-# ---- the driver ---------------------------------------------------------------------------------
-class Worker:
-    def __init__(self, *args: str):
-        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
-        self.args = args
-        self._read()
-
-    def _read(self):
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker {self.args} died (rc={self.proc.wait()})")
-        return json.loads(line)
-
-    def __call__(self, cmd: str, **kw):
-        self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self):
-        self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-        self.proc.stdin.flush()
-        self.proc.wait(timeout=60)
+    serve(LatencyWorker(policy, backend, shapes, int(threads)))
 
 
 def p50_p99(values) -> str:
     return f"{np.percentile(values, 50) * 1e3:.3f} / {np.percentile(values, 99) * 1e3:.3f}" if values else "-"
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "?"
 
 
 def main():
@@ -200,7 +148,7 @@ def main():
 
     names = args.policies.split(",") if args.policies else available_policies()
     cases = [(name, backend) for name in names for backend in args.backends.split(",")]
-    workers = {case: Worker(*case, args.shapes, str(args.threads)) for case in cases}
+    workers = {case: Worker(__file__, *case, args.shapes, str(args.threads)) for case in cases}
     results = {case: {"model": [], "queue": []} for case in cases}
     peaks = []
     per_round = max(1, args.calls // args.rounds)
