@@ -153,3 +153,15 @@ def test_train_py_runs_end_to_end_and_reports_bad_dataset(linear_store, tmp_path
     )
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1].startswith("error: ") and "nowhere.zarr" in bad.stderr
+
+
+@pytest.mark.slow
+def test_training_compile_trains_to_the_eager_parameters(linear_store, tmp_path):
+    overrides = [*BC_SMALL, f"task.dataset_path={linear_store}", "training.steps=3", "training.batch_size=8"]
+    params = {}
+    for compiled in (False, True):
+        workspace = Workspace(make_cfg([*overrides, f"training.compile={compiled}"]), tmp_path / str(compiled))
+        workspace.run()
+        params[compiled] = _params(workspace.policy)
+    for key, value in params[False].items():
+        torch.testing.assert_close(params[True][key], value, rtol=1e-4, atol=1e-5, msg=key)

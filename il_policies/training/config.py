@@ -53,6 +53,7 @@ class TrainingConfig:
     resume: bool = True  # continue from <run dir>/checkpoints/latest.pt when it exists
     num_threads: int | None = None  # torch CPU threads; null keeps torch's default
     accel: bool = False  # train with the speed layer's equivalent modules (il_policies/accel): the same function, faster
+    compile: bool = False  # run the training forward and backward through torch.compile (slow start; see bench/ACT.md)
 
 
 @dataclass

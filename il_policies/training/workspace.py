@@ -149,6 +149,8 @@ class Workspace:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.policy, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+        if cfg.training.compile:
+            self.model = torch.compile(self.model)
 
     def _ensure_dataset(self, path: Path) -> None:
         """Generate the task's demonstrations when its dataset is missing; refuse a mismatched one."""
