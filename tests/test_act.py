@@ -192,9 +192,9 @@ def test_position_tables():
 
 @pytest.mark.slow
 def test_act_learns_metaworld_reach(tmp_path):
-    """~1-2 min on 2 CPU cores: 20 scripted demos, 600 steps of a small ACT (d_model 128, the default
-    dropout 0.1), 20 rollouts. Measured success 0.85, 0.70, 0.85 (seeds 0, 1, 2); the bound leaves ~3
-    binomial standard deviations below the lowest."""
+    """20 scripted demos, 600 steps of a small ACT (d_model 128, the default dropout 0.1), 20 rollouts.
+    Measured success (bench/ACT.md): 0.65 for each of seeds 0, 1, 2; the bound leaves ~2 binomial
+    standard deviations below."""
     from il_policies.envs import make_task_by_name
     from il_policies.envs.demos import generate_demos
     from il_policies.training import Workspace
@@ -204,8 +204,10 @@ def test_act_learns_metaworld_reach(tmp_path):
     cfg = make_cfg([
         "policy=act", "task=metaworld_reach", f"task.dataset_path={path}", "policy.d_model=128", "policy.n_heads=4",
         "policy.dim_feedforward=512", "policy.n_encoder_layers=2", "policy.n_vae_encoder_layers=2", "policy.horizon=20",
-        "policy.n_action_steps=10", "training.lr=3e-4", "training.steps=600", "training.batch_size=32",
-        "training.lr_warmup_steps=50", "training.val_every=600", "eval.n_episodes=20", "eval.n_videos=0", "training.num_threads=2",
+        "policy.n_action_steps=10", "training.steps=600", "training.batch_size=32", "training.val_every=600",
+        # A short run: a higher lr than the original's constant 1e-5, warm-up, cosine decay and clipping.
+        "training.lr=3e-4", "training.lr_scheduler=cosine", "training.lr_warmup_steps=50", "training.grad_clip=10",
+        "eval.n_episodes=20", "eval.n_videos=0", "training.num_threads=2",
     ])
     summary = Workspace(cfg, tmp_path / "run").run()
     print(f"metaworld_reach ACT success rate {summary['eval/success_rate']:.2f}")
