@@ -9,8 +9,8 @@ load): one per variant of ours with this interpreter (a robot runs one backend p
 of several runtimes in one process wake each other), LeRobot's with the peer venv (`--peer-python`, default
 /work/peer-venv/bin/python; see /work/shared/bench/README.md). LeRobot's policy, batches and training
 step come from peer_lerobot.py itself (its non-fused AdamW, gradient clipping at 10, as its training
-script). Ours is `make_policy("act")` with defaults, stepped by `Workspace._train_step` itself (fused
-AdamW over `optim_groups()`, lr 1e-5, weight decay 1e-4, a constant schedule; clipping at 10 as LeRobot's
+script). Ours is `make_policy("act")` with defaults and a (random) ResNet18 weights file, so with
+frozen BatchNorm as LeRobot's, stepped by `Workspace._train_step` itself (fused AdamW over `optim_groups()`, lr 1e-5, weight decay 1e-4, a constant schedule; clipping at 10 as LeRobot's
 step, although ACT's own preset clips nothing). Our variants:
 
     torch        the reference network, eager
@@ -70,6 +70,8 @@ class OursWorker:
 
         from diffusers.optimization import get_scheduler
 
+        import torchvision
+
         from il_policies import make_policy
         from il_policies.accel import accelerate
         from il_policies.accel.backends import RUNTIMES, export_onnx
@@ -80,7 +82,11 @@ class OursWorker:
         meta = {"obs": {"agent_pos": {"shape": (STATE,), "kind": "low_dim"}, "image": {"shape": IMAGE, "kind": "rgb"}},
                 "action": {"shape": (ACTION,)}}
         self.torch = torch
-        self.reference = reference = make_policy({"name": "act"}, meta)
+        # LeRobot's ACT runs an ImageNet-initialized ResNet18 with frozen BatchNorm; ours does so from a
+        # weights file (here a random one: the same work per step as ImageNet's weights).
+        weights = Path(tempfile.mkdtemp(prefix="act_bench_")) / "resnet18.pt"
+        torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+        self.reference = reference = make_policy({"name": "act", "backbone_weights": str(weights)}, meta)
         policy = accelerate(copy.deepcopy(reference)) if variant == "accel" else reference
         if variant in RUNTIMES:
             path = export_onnx(reference, Path(tempfile.mkdtemp(prefix="act_bench_")) / "act.onnx")

@@ -44,7 +44,7 @@ def main(argv: list[str]) -> Path:
         dataset = dataset.get_validation_dataset()
     index = int(options["index"]) % len(dataset)
     batch = prepare_batch(collate_batch(dataset.__getitems__([index])), dataset.shape_meta, policy.device)
-    obs = policy.normalizer.normalize_obs(batch["obs"])
+    obs = policy.normalize_obs(batch["obs"])
     values = [float(v) for v in options["values"].split(",")]
     grid = traversal_grid(policy, obs, values=values, max_dims=int(options["max_dims"]))
     return write_png(grid, options["out"])

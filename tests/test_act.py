@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from il_policies import make_policy
 from il_policies.nn.temporal_ensemble import TemporalEnsembler, offline_temporal_ensemble
@@ -68,7 +69,28 @@ def test_resnet18_defaults_match_the_original_sizes():
     # The original's training: AdamW at a constant 1e-5, weight decay 1e-4, no gradient clipping.
     p = c.training_preset
     assert (p.lr, p.weight_decay, p.lr_scheduler, p.lr_warmup_steps, p.grad_clip, p.ema.enabled) == (1e-5, 1e-4, "constant", 0, 0.0, False)
-    assert sum(p.numel() for p in policy.parameters()) == 51_613_582  # LeRobot's ACT on these shapes: 51.6 M
+    # LeRobot's ACT on these shapes: 51,613,582, with FrozenBatchNorm (buffers); trained from scratch,
+    # the backbone's GroupNorm layers add their 9,600 affine parameters.
+    assert sum(p.numel() for p in policy.parameters()) == 51_613_582 + 9_600
+
+
+def test_act_from_scratch_normalizes_its_backbone_and_trains_every_norm_layer():
+    meta = {"obs": {"image": {"shape": (3, 64, 64), "kind": "rgb"}}, "action": {"shape": (2,)}}
+    policy = make_policy({"name": "act", "d_model": 32, "n_heads": 4, "dim_feedforward": 64, "horizon": 4, "n_action_steps": 4}, meta)
+    assert policy.config.backbone_norm == "group"
+    norms = [m for m in policy.backbone.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.BatchNorm2d, FrozenBatchNorm2d))]
+    assert len(norms) == 20 and all(isinstance(m, torch.nn.GroupNorm) for m in norms)
+    torch.manual_seed(0)
+    batch = {"obs": {"image": torch.rand(3, 1, 3, 64, 64)}, "action": torch.randn(3, 4, 2), "action_is_pad": torch.zeros(3, 4, dtype=torch.bool)}
+    policy.train()
+    policy.compute_loss(batch)[0].backward()
+    for m in norms:
+        assert m.weight.requires_grad and m.weight.grad is not None and m.weight.grad.abs().sum() > 0
+    # A GroupNorm changes its input (a frozen, randomly initialized BatchNorm is the identity).
+    x = torch.randn(2, norms[0].num_channels, 5, 5) * 3 + 1
+    assert not torch.allclose(norms[0](x), x, atol=1e-2)
+    with pytest.raises(ValueError, match="identity"):
+        make_policy({"name": "act", "backbone_norm": "frozen"}, meta)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in policy.backbone.modules())  # frozen BatchNorm
     groups = policy.optim_groups()
     assert groups[1]["lr"] == 1e-5 and len(groups[1]["params"]) == len(list(policy.backbone.parameters()))
@@ -136,22 +158,6 @@ def test_online_temporal_ensemble_equals_offline_weighted_average(coeff):
     torch.testing.assert_close(online[:, 2], by_hand)
 
 
-def test_policy_with_temporal_ensembling_queries_every_step():
-    policy = make(STATE_META, n_action_steps=1, temporal_ensemble_coeff=0.01).eval()
-    chunks, calls = [], []
-    original = policy._predict_action_chunk
-    policy._predict_action_chunk = lambda obs, generator=None: calls.append(1) or chunks.append(original(obs)) or chunks[-1]
-    torch.manual_seed(0)
-    observations = [{"state": torch.randn(2, 7)} for _ in range(9)]
-    actions = torch.stack([policy.select_action(o) for o in observations], dim=1)
-    assert len(calls) == 9
-    torch.testing.assert_close(actions, offline_temporal_ensemble(chunks, 0.01))
-    policy.reset()
-    assert policy.ensembler.weighted_sum is None
-    with pytest.raises(ValueError, match="n_action_steps=1"):
-        make(STATE_META, temporal_ensemble_coeff=0.01)
-
-
 def test_decoder_depth_option_uses_every_layer():
     batch = random_batch(IMAGE_META)
     for depth in (1, 3):
@@ -173,9 +179,12 @@ def test_backbone_weights_file_and_batchnorm_option(tmp_path):
     reference = torchvision.models.resnet18(weights=None)
     path = tmp_path / "resnet18.pt"
     torch.save(reference.state_dict(), path)
-    loaded = ResNetBackbone("resnet18", weights_path=str(path))
+    loaded = ResNetBackbone("resnet18", norm="frozen", weights_path=str(path))
     torch.testing.assert_close(loaded.body[4][0].conv1.weight, reference.layer1[0].conv1.weight)
-    assert isinstance(ResNetBackbone(frozen_bn=False).body[1], torch.nn.BatchNorm2d)
+    torch.testing.assert_close(loaded.body[1].running_var, reference.bn1.running_var)
+    assert isinstance(ResNetBackbone(norm="batch").body[1], torch.nn.BatchNorm2d)
+    with pytest.raises(ValueError, match="identity"):
+        ResNetBackbone(norm="frozen")
     with pytest.raises(FileNotFoundError, match="no download"):
         ResNetBackbone(weights_path=str(tmp_path / "missing.pt"))
 

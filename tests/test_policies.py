@@ -21,7 +21,7 @@ POLICIES = available_policies()
 CONFIGS = [*POLICIES, "bc_conv_vae"]
 # Small shapes so the whole registry trains in seconds; each policy may need its own small options.
 SMALL = {
-    "bc": ["policy.hidden_dims=[32,32]", "policy.conv_channels=[8,16]", "policy.image_feature_dim=16"],
+    "bc": ["policy.hidden_dims=[32,32]", "policy.vision.conv_channels=[8,16]", "policy.vision.feature_dim=16"],
     "act": ["policy.backbone=conv", "policy.conv_channels=[8,16]", "policy.d_model=32", "policy.n_heads=4",
             "policy.dim_feedforward=64", "policy.n_encoder_layers=1", "policy.n_vae_encoder_layers=1",
             "policy.latent_dim=8", "policy.horizon=10", "policy.n_action_steps=10"],
@@ -125,6 +125,30 @@ def test_action_queue_runs_network_every_n_action_steps(name, linear_store):
     policy.reset()
     policy.select_action(obs)
     assert len(calls) == 4
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_temporal_ensembling_averages_every_chunks_prediction(name, linear_store):
+    from il_policies.nn.temporal_ensemble import offline_temporal_ensemble
+
+    dataset = SequenceDataset.from_store(linear_store, n_obs_steps=1, horizon=4)
+    cfg = make_cfg([*small_overrides(name), "policy.horizon=4", "policy.n_action_steps=1", "policy.temporal_ensemble_coeff=0.01"])
+    policy = make_policy(cfg.policy, dataset.shape_meta).eval()
+    policy.normalizer.fit(dataset.fit_data(), action_key=dataset.action_key)
+    chunks = []
+    original = policy._predict_action_chunk
+    policy._predict_action_chunk = lambda obs, generator=None: chunks.append(original(obs, generator)) or chunks[-1]
+    torch.manual_seed(0)
+    observations = [{"state": torch.randn(2, 5)} for _ in range(9)]
+    actions = torch.stack([policy.select_action(o, torch.Generator().manual_seed(i)) for i, o in enumerate(observations)], dim=1)
+    assert len(chunks) == 9  # the network runs every step
+    expected = policy._clip(offline_temporal_ensemble(chunks, 0.01))
+    torch.testing.assert_close(actions, expected)
+    policy.reset()
+    assert policy._ensembler.weighted_sum is None
+    with pytest.raises(ValueError, match="n_action_steps=1"):
+        make_policy(make_cfg([*small_overrides(name), "policy.horizon=4", "policy.n_action_steps=2",
+                              "policy.temporal_ensemble_coeff=0.01"]).policy, dataset.shape_meta)
 
 
 def test_unknown_policy_and_option_are_refused():

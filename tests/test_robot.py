@@ -24,7 +24,7 @@ from tests.conftest import REPO, make_cfg
 
 
 def _train(store, out, extra=()):
-    cfg = make_cfg(["policy=bc", "policy.hidden_dims=[32,32]", "policy.conv_channels=[8,16]", "policy.image_feature_dim=16",
+    cfg = make_cfg(["policy=bc", "policy.hidden_dims=[32,32]", "policy.vision.conv_channels=[8,16]", "policy.vision.feature_dim=16",
                     f"task.dataset_path={store}", "training.steps=5", "training.batch_size=8", *extra])
     workspace = Workspace(cfg, out)
     workspace.run()

@@ -53,11 +53,16 @@ def _params(policy) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in policy.state_dict().items()}
 
 
-@pytest.mark.parametrize("ema,accel", [(False, False), (True, False), (False, True)])
-def test_interrupted_run_resumes_to_identical_parameters(linear_store, tmp_path, monkeypatch, ema, accel):
+@pytest.mark.parametrize("ema,accel,store_fixture", [
+    (False, False, "linear_store"), (True, False, "linear_store"), (False, True, "linear_store"),
+    (False, False, "image_store"),  # random crops and colour jitter drawn from the restored generator
+])
+def test_interrupted_run_resumes_to_identical_parameters(store_fixture, request, tmp_path, monkeypatch, ema, accel):
+    store = request.getfixturevalue(store_fixture)
     overrides = [
         *BC_SMALL, "policy.dropout=0.1",  # dropout: the RNG state must be restored too (accel: numpy masks seeded from it)
-        f"task.dataset_path={linear_store}", "training.steps=40", "training.batch_size=16",
+        "policy.augment.color_jitter=0.2",
+        f"task.dataset_path={store}", "training.steps=40", "training.batch_size=16",
         f"training.ema.enabled={ema}", "training.lr_warmup_steps=5", f"training.accel={accel}",
     ]
     straight = Workspace(make_cfg(overrides), tmp_path / "straight")

@@ -7,6 +7,8 @@ are fitted:
 - `gaussian`: center = mean, scale = std (z-score; "in standard deviations").
 - `minmax`: center = (max + min) / 2, scale = (max - min) / 2, i.e. onto [-1, 1].
 - `identity`: center 0, scale 1.
+- `imagenet` (3-channel images only): ImageNet's per-channel mean and std, fixed, for a backbone
+  loaded with ImageNet weights (the statistics its first layer was trained on).
 
 Low-dim keys get one statistic per dimension. Images (already float CHW in [0, 1] when they reach
 the normalizer) get one statistic per channel, or per pixel with `per_pixel=True`, as the BVAE
@@ -23,7 +25,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
-MODES = ("gaussian", "minmax", "identity")
+MODES = ("gaussian", "minmax", "identity", "imagenet")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 _MIN_SCALE = 1e-6
 _FIT_CHUNK = 1024
 
@@ -64,6 +68,8 @@ class Normalizer(nn.Module):
             mode = modes.get(key, modes.get(kind, default[kind]))
             if mode not in MODES:
                 raise ValueError(f"normalization mode {mode!r} for key {key!r} is not one of {MODES}")
+            if mode == "imagenet" and (kind != "rgb" or shape[0] != 3):
+                raise ValueError(f"normalization mode 'imagenet' is for 3-channel images; key {key!r} is {kind} of shape {shape}")
             self.modes[key] = mode
             if kind == "rgb" and not per_pixel:
                 stats_shape = (shape[0], 1, 1)
@@ -81,6 +87,10 @@ class Normalizer(nn.Module):
             if source_key not in data:
                 raise KeyError(f"cannot fit the normalizer: no data for key {source_key!r}")
             stats = self.stats[_buffer_name(key)]
+            if self.modes[key] == "imagenet":
+                stats.center.copy_(torch.tensor(IMAGENET_MEAN)[:, None, None].expand_as(stats.center))
+                stats.scale.copy_(torch.tensor(IMAGENET_STD)[:, None, None].expand_as(stats.scale))
+                continue
             center, scale = _fit_stats(np.asarray(data[source_key]), kind, self.modes[key], self.per_pixel)
             stats.center.copy_(torch.as_tensor(center, dtype=torch.float32).reshape(stats.center.shape))
             stats.scale.copy_(torch.as_tensor(scale, dtype=torch.float32).reshape(stats.scale.shape))

@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from il_policies.nn.temporal_ensemble import TemporalEnsembler
 from il_policies.nn.transformer import TransformerDecoder, TransformerEncoder, sinusoidal_1d, sinusoidal_2d
 from il_policies.nn.vae import KLSchedule, gaussian_kl, reparameterize
 from il_policies.nn.vision import make_backbone
@@ -62,20 +61,23 @@ class ACTConfig(PolicyConfig):
     latent_dim: int = 32
     use_vae: bool = True
     kl_schedule: KLSchedule = field(default_factory=lambda: KLSchedule("constant", weight=10.0))
-    backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 | conv (small CPU backbone)
+    backbone: str = "resnet18"  # resnet18 | resnet34 | conv (small CPU backbone, GroupNorm)
     backbone_weights: str | None = None  # local torchvision state_dict file; None: random init
-    frozen_bn: bool = True
+    # ResNet normalization: group | batch | frozen; None: frozen with backbone_weights (as the
+    # original with ImageNet weights), group without (a randomly initialized frozen BatchNorm is the identity).
+    backbone_norm: str | None = None
     conv_channels: tuple[int, ...] = (16, 32, 64, 128, 256)  # backbone=conv: 96x96 -> 3x3, as ResNet18
     proprio_key: str = "agent_pos"
-    temporal_ensemble_coeff: float | None = None  # e.g. 0.01 (the original's k), with n_action_steps=1
     # The original's training: AdamW at a constant 1e-5, weight decay 1e-4, no gradient clipping, no EMA.
     training_preset: TrainingPreset = field(default_factory=lambda: TrainingPreset(
         lr=1e-5, weight_decay=1e-4, lr_scheduler="constant", lr_warmup_steps=0, grad_clip=0.0))
 
     def __post_init__(self):
         super().__post_init__()
-        if self.temporal_ensemble_coeff is not None and self.n_action_steps != 1:
-            raise ValueError("temporal ensembling queries the policy every step: set n_action_steps=1")
+        if self.backbone_norm is None:
+            self.backbone_norm = "frozen" if self.backbone_weights else "group"
+        if self.backbone_weights:
+            self.use_imagenet_statistics()
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
 
@@ -91,7 +93,7 @@ class ACTPolicy(Policy):
     def __init__(self, config: ACTConfig, shape_meta):
         super().__init__(config, shape_meta)
         c, d, t = config, config.d_model, config.n_obs_steps
-        obs_meta = shape_meta["obs"]
+        obs_meta = self.network_obs_meta
         numel = lambda key: math.prod(obs_meta[key]["shape"]) * t  # noqa: E731
         self.rgb_keys = sorted(k for k, m in obs_meta.items() if m["kind"] == "rgb")
         low_dim = sorted(k for k, m in obs_meta.items() if m["kind"] == "low_dim")
@@ -120,7 +122,7 @@ class ACTPolicy(Policy):
             if len(shapes) != 1:
                 raise ValueError(f"ACT's shared backbone needs every camera at one shape, got {sorted(shapes)}")
             (channels, height, width), = shapes
-            self.backbone = make_backbone(c.backbone, channels, c.backbone_weights, c.frozen_bn, c.conv_channels)
+            self.backbone = make_backbone(c.backbone, channels, c.backbone_norm, c.backbone_weights, c.conv_channels)
             self.image_proj = nn.Conv2d(self.backbone.out_channels, d, kernel_size=1)
             with torch.no_grad():
                 fh, fw = self.backbone(torch.zeros(1, channels, height, width)).shape[-2:]
@@ -176,7 +178,7 @@ class ACTPolicy(Policy):
 
     # ---- training -------------------------------------------------------------------------------
     def compute_loss(self, batch):
-        nobs = self.normalizer.normalize_obs(batch["obs"])
+        nobs = self.normalize_obs(batch["obs"])
         actions = self.normalizer.normalize("action", batch["action"])
         is_pad = batch.get("action_is_pad")
         metrics = {}
@@ -207,23 +209,7 @@ class ACTPolicy(Policy):
 
     # ---- inference ------------------------------------------------------------------------------
     def _predict_action_chunk(self, obs, generator=None):
-        nobs = self.normalizer.normalize_obs(obs)
+        nobs = self.normalize_obs(obs)
         batch = next(iter(nobs.values())).shape[0]
         latent = self.latent_proj.weight.new_zeros(batch, self.config.latent_dim)  # z = 0: the prior's mean
         return self.normalizer.unnormalize("action", self._decode(nobs, latent))
-
-    def _init_episode_state(self) -> None:
-        # The ensembler's running sums belong to the episode (and to each server client's view).
-        super()._init_episode_state()
-        coeff = self.config.temporal_ensemble_coeff
-        self.ensembler = TemporalEnsembler(coeff, self.config.horizon) if coeff is not None else None
-
-    @torch.inference_mode()
-    def select_action(self, obs, generator=None):
-        if self.ensembler is None:
-            return super().select_action(obs, generator)
-        if self.training:
-            self.eval()
-        _, batched, as_numpy = self._observe(obs)  # temporal ensembling: a new chunk every step
-        action = self.ensembler.update(self._run_network(self._stacked_history(), generator))
-        return self._deliver(action, batched, as_numpy)

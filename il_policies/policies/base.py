@@ -28,6 +28,8 @@ from torch import nn
 
 from il_policies.data.dataset import prepare_batch
 from il_policies.data.normalizer import Normalizer
+from il_policies.nn.augment import ObservationAugment
+from il_policies.nn.temporal_ensemble import TemporalEnsembler
 from il_policies.policies.config import ActionWindow, PolicyConfig
 from il_policies.policies.observations import check_observation
 
@@ -43,12 +45,20 @@ class Policy(nn.Module, abc.ABC):
         self.obs_keys = sorted(shape_meta["obs"])
         self.action_dim = int(shape_meta["action"]["shape"][0])
         self.normalizer = Normalizer(shape_meta, config.normalization, per_pixel=config.image_norm_per_pixel)
+        self.augment = ObservationAugment(config.augment, shape_meta["obs"])
+        # What the network is built for: the observations after augmentation (cameras maybe cropped).
+        self.network_obs_meta = self.augment.network_obs_meta
         self.window: ActionWindow = config.action_window()
         self._backend: Callable | None = None
         self._init_episode_state()
         self.training_step = 0
         self.register_buffer("action_low", torch.full((self.action_dim,), -torch.inf))
         self.register_buffer("action_high", torch.full((self.action_dim,), torch.inf))
+
+    def normalize_obs(self, obs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Model-format observations -> network input: cameras augmented (random in training, the
+        center crop in eval mode), then every key normalized. Training and inference both call it."""
+        return self.normalizer.normalize_obs(self.augment(obs))
 
     # ---- training -----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -89,9 +99,12 @@ class Policy(nn.Module, abc.ABC):
         return (self._backend or self._predict_action_chunk)(obs, generator)
 
     def _init_episode_state(self) -> None:
-        """Create the per-episode state (policies with more, e.g. an ensembler, extend this)."""
+        """Create the per-episode state (policies with more extend this)."""
         self._obs_history: deque[dict[str, torch.Tensor]] = deque(maxlen=self.config.n_obs_steps)
         self._action_queue: deque[torch.Tensor] = deque()
+        # The ensembler's running sums belong to the episode (and to each server client's view).
+        coeff = self.config.temporal_ensemble_coeff
+        self._ensembler = TemporalEnsembler(coeff, self.window.horizon - self.window.current) if coeff is not None else None
 
     def reset(self) -> None:
         """Forget the observation history and queued actions: call at the start of every episode."""
@@ -128,16 +141,21 @@ class Policy(nn.Module, abc.ABC):
         `obs` holds one step `{key: (*shape)}` or a batch `{key: (B, *shape)}` (see
         `observations.check_observation` for what is accepted). The policy keeps the last
         `n_obs_steps` observations itself and runs the network only when its action queue is empty,
-        then queues the chunk's actions for steps t .. t + n_action_steps - 1. The action is clipped
+        then queues the chunk's actions for steps t .. t + n_action_steps - 1; with temporal ensembling
+        (`temporal_ensemble_coeff`) it runs the network every step and averages every chunk's
+        prediction for this step (`TemporalEnsembler`). The action is clipped
         to the recorded bounds: numpy `(A,)` / `(B, A)` for numpy input, else a tensor `(B, A)` /
         `(A,)`. Puts the policy in eval mode.
         """
         if self.training:  # (eval() walks every module: not on every call)
             self.eval()
         step, batched, as_numpy = self._observe(obs)
+        now = self.window.current
+        if self._ensembler is not None:
+            chunk = self._run_network(self._stacked_history(), generator)
+            return self._deliver(self._ensembler.update(chunk[:, now:]), batched, as_numpy)
         if not self._action_queue:
             chunk = self._run_network(self._stacked_history(), generator)
-            now = self.window.current
             self._action_queue.extend(chunk[:, now : now + self.window.n_action_steps].unbind(dim=1))
         return self._deliver(self._action_queue.popleft(), batched, as_numpy)
 

@@ -2,24 +2,28 @@
 
     a_{t:t+H} = f(o_{t-T+1:t}),    L = || f(o) - a ||^2   (normalized units, padded steps masked)
 
-`encoder: conv` (default): images through the shared ConvEncoder, low-dim observations as they
-are, then an MLP. `encoder: conv_vae`: f is BVAE's encoder E itself (the conv VAE family of
+`encoder: conv` (default): each camera through the shared image encoder (`vision`: backbone,
+pooling, linear; `il_policies.nn.vision`), low-dim observations as they are, then an MLP. Images are
+randomly cropped in training (`augment`, 0.9 of each side) and center-cropped at evaluation.
+Chunks (`horizon`) and observation history (`n_obs_steps`), executed through the action queue or
+temporal ensembling, as every policy. `encoder: conv_vae`: f is BVAE's encoder E itself (the conv VAE family of
 `il_policies.nn.conv_vae`, its output the action chunk instead of a posterior): the writeup's "NN"
 baseline, `conf/policy/bc_conv_vae.yaml`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from einops import rearrange
 
 from il_policies.nn import ObservationEncoder, mlp
+from il_policies.nn.conv_vae import ORIGINAL_CHANNELS
 from il_policies.nn.losses import masked_mean
 from il_policies.nn.observation_vae import StackedObservationEncoder
 from il_policies.policies.base import Policy
-from il_policies.policies.config import PolicyConfig
+from il_policies.policies.config import AugmentConfig, PolicyConfig, VisionConfig
 from il_policies.policies.registry import register_policy
 
 ENCODERS = ("conv", "conv_vae")
@@ -31,8 +35,9 @@ class BCConfig(PolicyConfig):
     encoder: str = "conv"  # conv | conv_vae
     hidden_dims: tuple[int, ...] = (256, 256)  # the MLP head (conv_vae: the low-dim-only MLP)
     dropout: float = 0.0  # in the MLP head (conv)
-    image_feature_dim: int = 64  # per camera (conv)
-    conv_channels: tuple[int, ...] = (32, 64, 128)  # the encoder's conv widths (conv_vae: 4 of them)
+    vision: VisionConfig = field(default_factory=VisionConfig)  # each camera's encoder (conv)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    conv_channels: tuple[int, ...] = ORIGINAL_CHANNELS  # conv_vae: the encoder's 4 conv widths
     hidden_dim: int = 28  # conv_vae: the MLP width between conv features and output
     norm: str = "group"  # conv_vae: batch | group | none
 
@@ -40,6 +45,8 @@ class BCConfig(PolicyConfig):
         super().__post_init__()
         if self.encoder not in ENCODERS:
             raise ValueError(f"unknown BC encoder {self.encoder!r}: use one of {ENCODERS}")
+        if self.vision.weights:
+            self.use_imagenet_statistics()
 
 
 @register_policy("bc")
@@ -51,10 +58,10 @@ class BCPolicy(Policy):
         out_dim = config.horizon * self.action_dim
         if config.encoder == "conv_vae":
             self.obs_encoder = StackedObservationEncoder(
-                shape_meta["obs"], config.n_obs_steps, out_dim, config.conv_channels, config.hidden_dim, config.norm, config.hidden_dims
+                self.network_obs_meta, config.n_obs_steps, out_dim, config.conv_channels, config.hidden_dim, config.norm, config.hidden_dims
             )
         else:
-            self.obs_encoder = ObservationEncoder(shape_meta["obs"], config.image_feature_dim, config.conv_channels)
+            self.obs_encoder = ObservationEncoder(self.network_obs_meta, config.vision)
             self.head = mlp(self.obs_encoder.out_dim * config.n_obs_steps, config.hidden_dims, out_dim, dropout=config.dropout)
 
     def _predict_normalized(self, normalized_obs) -> torch.Tensor:
@@ -65,10 +72,10 @@ class BCPolicy(Policy):
         return rearrange(flat, "b (h a) -> b h a", a=self.action_dim)
 
     def compute_loss(self, batch):
-        predicted = self._predict_normalized(self.normalizer.normalize_obs(batch["obs"]))
+        predicted = self._predict_normalized(self.normalize_obs(batch["obs"]))
         target = self.normalizer.normalize("action", batch["action"])
         loss = masked_mean((predicted - target).square(), batch.get("action_is_pad"))
         return loss, {"action_mse": loss.item()}
 
     def _predict_action_chunk(self, obs, generator=None):
-        return self.normalizer.unnormalize("action", self._predict_normalized(self.normalizer.normalize_obs(obs)))
+        return self.normalizer.unnormalize("action", self._predict_normalized(self.normalize_obs(obs)))

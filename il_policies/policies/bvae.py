@@ -63,7 +63,7 @@ class BVAEPolicy(Policy):
     def __init__(self, config: BVAEConfig, shape_meta):
         super().__init__(config, shape_meta)
         self.latent_dim = config.horizon * self.action_dim
-        self.vae = ObservationVAE(shape_meta["obs"], config.n_obs_steps, self.latent_dim, **config.vae_options())
+        self.vae = ObservationVAE(self.network_obs_meta, config.n_obs_steps, self.latent_dim, **config.vae_options())
 
     # ---- the two passes -----------------------------------------------------------------------
     def _grad(self, *terms: str):
@@ -75,7 +75,7 @@ class BVAEPolicy(Policy):
 
     def loss_terms(self, batch) -> dict[str, torch.Tensor]:
         cfg, vae = self.config, self.vae
-        o = vae.pack(self.normalizer.normalize_obs(batch["obs"]))
+        o = vae.pack(self.normalize_obs(batch["obs"]))
         a = self.normalizer.normalize("action", batch["action"])  # (B, H, A)
         is_pad = batch.get("action_is_pad")
         a_flat = rearrange(a, "b h a -> b (h a)")
@@ -116,7 +116,7 @@ class BVAEPolicy(Policy):
 
     # ---- inference ----------------------------------------------------------------------------
     def _mu(self, obs) -> torch.Tensor:
-        return self.vae.encode(self.vae.pack(self.normalizer.normalize_obs(obs)))[:, : self.latent_dim]
+        return self.vae.encode(self.vae.pack(self.normalize_obs(obs)))[:, : self.latent_dim]
 
     def _predict_action_chunk(self, obs, generator=None):
         mu = rearrange(self._mu(obs), "b (h a) -> b h a", a=self.action_dim)
@@ -140,7 +140,7 @@ class BVAEPolicy(Policy):
 
         if not self.vae.rgb_keys:
             return []
-        obs = self.normalizer.normalize_obs(batch["obs"])
+        obs = self.normalize_obs(batch["obs"])
         paths = [write_png(traversal_grid(self, obs), Path(out_dir) / "latent_traversal.png")]
         n = min(8, batch["action"].shape[0])
         decoded = self.decode_action(batch["action"][:n])

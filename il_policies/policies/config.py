@@ -56,6 +56,68 @@ class TrainingPreset:
     ema: EMAPreset = field(default_factory=EMAPreset)
 
 
+AUGMENTATIONS = ("none", "crop", "shift")
+
+
+@dataclass
+class AugmentConfig:
+    """Image augmentation of every camera in training (`il_policies.nn.augment`).
+
+    - `crop`: a random crop of `crop_ratio` of each side in training, the center crop at evaluation
+      and on the robot (diffusion_policy's and robomimic's recipe; the network sees the cropped size).
+    - `shift`: pad `shift_pixels` on each side by repeating the edge and crop back to the full size
+      at a random offset in training (DrQ's random shift); the image as it is at evaluation.
+    - `color_jitter` > 0: brightness, contrast and saturation each scaled by a factor drawn from
+      U(1 - j, 1 + j) in training only.
+    """
+
+    kind: str = "none"  # none | crop | shift
+    crop_ratio: float = 0.9
+    shift_pixels: int = 4
+    color_jitter: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in AUGMENTATIONS:
+            raise ValueError(f"augment.kind {self.kind!r} is not one of {AUGMENTATIONS}")
+        if not 0.0 < self.crop_ratio <= 1.0:
+            raise ValueError(f"augment.crop_ratio must be in (0, 1], got {self.crop_ratio}")
+        if self.shift_pixels < 0 or not 0.0 <= self.color_jitter < 1.0:
+            raise ValueError(f"augment.shift_pixels must be >= 0 and augment.color_jitter in [0, 1), got "
+                             f"{self.shift_pixels} and {self.color_jitter}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none" or self.color_jitter > 0
+
+
+BACKBONES = ("conv", "resnet18", "resnet34")
+NORMS = ("group", "batch", "frozen")
+POOLS = ("grid", "spatial_softmax", "avgpool")
+
+
+@dataclass
+class VisionConfig:
+    """One camera's image encoder (`il_policies.nn.vision.ImageEncoder`): backbone -> pooling -> linear."""
+
+    backbone: str = "conv"  # conv (small strided convolutions) | resnet18 | resnet34 (torchvision's)
+    norm: str = "group"  # ResNet normalization: group | batch | frozen (FrozenBatchNorm; needs `weights`)
+    weights: str | None = None  # a local torchvision ResNet state_dict file (nothing is downloaded)
+    pool: str = "grid"  # grid (average-pooled to grid x grid, every cell kept) | spatial_softmax (keypoints) | avgpool
+    grid: int = 4  # pool=grid
+    num_keypoints: int = 32  # pool=spatial_softmax
+    feature_dim: int = 64  # each camera's output
+    conv_channels: tuple[int, ...] = (32, 64, 128)  # backbone=conv: one stride-2 stage per width
+    shared: bool = False  # one encoder for every camera (they must share a shape) instead of one each
+
+    def __post_init__(self):
+        for name, value, allowed in (("backbone", self.backbone, BACKBONES), ("norm", self.norm, NORMS), ("pool", self.pool, POOLS)):
+            if value not in allowed:
+                raise ValueError(f"vision.{name} {value!r} is not one of {allowed}")
+        if self.norm == "frozen" and not self.weights:
+            raise ValueError("vision.norm 'frozen' keeps BatchNorm's statistics fixed: it needs vision.weights "
+                             "(a randomly initialized frozen BatchNorm is the identity)")
+
+
 @dataclass
 class PolicyConfig:
     """Options every policy has. Subclasses add their own fields and checks in `__post_init__`."""
@@ -67,6 +129,10 @@ class PolicyConfig:
     # Normalization mode per kind (low_dim / rgb / action) or per key: gaussian | minmax | identity.
     normalization: dict[str, str] = field(default_factory=dict)
     image_norm_per_pixel: bool = False
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Temporal ensembling (ACT): with n_action_steps = 1, the executed action is the average of every
+    # chunk's prediction for the current step, weighted exp(-k i) with i = 0 the oldest; e.g. k = 0.01.
+    temporal_ensemble_coeff: float | None = None
     training_preset: TrainingPreset = field(default_factory=TrainingPreset)
 
     def __post_init__(self):
@@ -79,6 +145,17 @@ class PolicyConfig:
                 f"n_action_steps ({self.n_action_steps}) cannot exceed the actions predicted from the current step on "
                 f"({self.horizon - window.current} of the horizon {self.horizon})"
             )
+        if self.temporal_ensemble_coeff is not None and self.n_action_steps != 1:
+            raise ValueError("temporal ensembling queries the policy every step: set n_action_steps=1")
+        if self.image_norm_per_pixel and self.augment.kind != "none":
+            raise ValueError("per-pixel image statistics are fitted on the full image: use augment.kind=none with "
+                             "image_norm_per_pixel, or per-channel statistics with crop / shift")
+
+    def use_imagenet_statistics(self) -> None:
+        """For a backbone loaded with ImageNet weights: images normalized as it was trained (unless
+        `normalization` sets the rgb mode itself); called by configs whose backbone has a weights file."""
+        if "rgb" not in self.normalization:
+            self.normalization = {**self.normalization, "rgb": "imagenet"}
 
     def action_window(self) -> ActionWindow:
         """The chunk starts at the current step; a policy that predicts earlier steps overrides this."""
@@ -110,4 +187,4 @@ def _is_union(annotation) -> bool:
     return typing.get_origin(annotation) in (typing.Union, types.UnionType)
 
 
-__all__ = ["ActionWindow", "EMAPreset", "PolicyConfig", "TrainingPreset", "config_from_dict"]
+__all__ = ["ActionWindow", "AugmentConfig", "EMAPreset", "PolicyConfig", "TrainingPreset", "VisionConfig", "config_from_dict"]

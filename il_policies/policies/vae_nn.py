@@ -47,12 +47,12 @@ class VAENNPolicy(Policy):
         super().__init__(config, shape_meta)
         out_dim = config.horizon * self.action_dim
         self.latent_dim = config.latent_dim or out_dim
-        self.vae = ObservationVAE(shape_meta["obs"], config.n_obs_steps, self.latent_dim, **config.vae_options())
+        self.vae = ObservationVAE(self.network_obs_meta, config.n_obs_steps, self.latent_dim, **config.vae_options())
         self.head = nn.Linear(self.latent_dim, out_dim)
 
     def loss_terms(self, batch) -> dict[str, torch.Tensor]:
         cfg, vae = self.config, self.vae
-        o = vae.pack(self.normalizer.normalize_obs(batch["obs"]))
+        o = vae.pack(self.normalize_obs(batch["obs"]))
         a = self.normalizer.normalize("action", batch["action"])
         mu, s, logvar = gaussian_from_output(vae.encode(o), cfg.scale)
         mu_o, raw_o = vae.decode(reparameterize(mu, s, cfg.noise_scale))
@@ -73,7 +73,7 @@ class VAENNPolicy(Policy):
         return loss, {**{name: value.item() for name, value in terms.items()}, "kl_weight": float(beta)}
 
     def _predict_action_chunk(self, obs, generator=None):
-        mu = self.vae.encode(self.vae.pack(self.normalizer.normalize_obs(obs)))[:, : self.latent_dim]
+        mu = self.vae.encode(self.vae.pack(self.normalize_obs(obs)))[:, : self.latent_dim]
         return self.normalizer.unnormalize("action", rearrange(self.head(mu), "b (h a) -> b h a", a=self.action_dim))
 
     @torch.no_grad()
@@ -83,5 +83,5 @@ class VAENNPolicy(Policy):
 
         if not self.vae.rgb_keys:
             return []
-        obs = self.normalizer.normalize_obs(batch["obs"])
+        obs = self.normalize_obs(batch["obs"])
         return [write_png(traversal_grid(self, obs), Path(out_dir) / "latent_traversal.png")]
