@@ -68,9 +68,9 @@ class ObservationAugment(nn.Module):
             self.network_obs_meta[key]["shape"] = (c, *crop_size(config, h, w))
 
     def forward(self, obs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if not (self.rgb_keys and self.config.enabled):
-            return dict(obs)
         out = dict(obs)
+        if not self.config.enabled:
+            return out
         for key in self.rgb_keys:
             out[key] = self._augment(obs[key]) if self.training else self._evaluate(obs[key])
         return out

@@ -11,7 +11,8 @@ Backbones (`make_backbone`) return `(B, C', h, w)`:
 `ImageEncoder` = backbone -> pooling -> linear to `feature_dim`, with pooling `avgpool` (global
 average), `spatial_softmax` (robomimic's keypoints: a 1x1 convolution to K maps, a softmax over
 each map's positions at a learned temperature, and each map's expected (x, y)) or `grid` (the map
-average-pooled to a small grid, every cell kept: where things are, coarsely). ACT takes the backbone's feature map itself as its transformer's tokens.
+average-pooled to a small grid, every cell kept: where things are, coarsely). ACT takes the
+backbone's feature map itself as its transformer's tokens.
 """
 
 from __future__ import annotations
@@ -61,9 +62,9 @@ def _load_weights(net: nn.Module, name: str, path: Path, norm: str) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights file {path} does not exist (no download is attempted)")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    unused = lambda key: key.startswith("fc.") or key.endswith("num_batches_tracked")  # noqa: E731
-    if norm == "group":  # ImageNet weights carry BatchNorm statistics that GroupNorm has no place for
-        unused = lambda key, base=unused: base(key) or key.endswith(("running_mean", "running_var"))  # noqa: E731
+    # The classifier is not part of the backbone; GroupNorm has no place for BatchNorm's statistics.
+    suffixes = ("num_batches_tracked", "running_mean", "running_var") if norm == "group" else ("num_batches_tracked",)
+    unused = lambda key: key.startswith("fc.") or key.endswith(suffixes)  # noqa: E731
     missing, unexpected = net.load_state_dict({k: v for k, v in state.items() if not unused(k)}, strict=False)
     missing = [k for k in missing if not unused(k)]
     if missing or unexpected:
