@@ -131,7 +131,7 @@ def test_group_norm_resnet_trains_every_parameter(name):
 
 
 @pytest.mark.parametrize("backbone", ["conv", "resnet18"])
-@pytest.mark.parametrize("pool", ["avgpool", "spatial_softmax", "grid"])
+@pytest.mark.parametrize("pool", ["avgpool", "spatial_softmax", "grid", "flatten"])
 def test_image_encoder_options(backbone, pool):
     config = VisionConfig(backbone=backbone, pool=pool, feature_dim=12, conv_channels=(8, 16), num_keypoints=4)
     encoder = ImageEncoder((3, 32, 32), config)

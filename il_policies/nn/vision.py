@@ -9,10 +9,10 @@ Backbones (`make_backbone`) return `(B, C', h, w)`:
   without weights, where every frozen layer would be the identity).
 
 `ImageEncoder` = backbone -> pooling -> linear to `feature_dim`, with pooling `avgpool` (global
-average), `spatial_softmax` (robomimic's keypoints: a 1x1 convolution to K maps, a softmax over
-each map's positions at a learned temperature, and each map's expected (x, y)) or `grid` (the map
-average-pooled to a small grid, every cell kept: where things are, coarsely). ACT takes the
-backbone's feature map itself as its transformer's tokens.
+average), `flatten` (every cell of the map), `spatial_softmax` (robomimic's keypoints: a 1x1
+convolution to K maps, a softmax over each map's positions at a learned temperature, and each map's
+expected (x, y)) or `grid` (the map average-pooled to a small grid, every cell kept: where things
+are, coarsely). ACT takes the backbone's feature map itself as its transformer's tokens.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ class GridPool(nn.Module):
     def __init__(self, in_channels: int, height: int, width: int, grid: int = 4):
         super().__init__()
         self.size = (min(grid, height), min(grid, width))
-        self.average = nn.AdaptiveAvgPool2d(self.size)
+        self.average = nn.Identity() if self.size == (height, width) else nn.AdaptiveAvgPool2d(self.size)
         self.out_dim = in_channels * self.size[0] * self.size[1]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -152,6 +152,8 @@ class ImageEncoder(nn.Module):
             self.pool = SpatialSoftmax(c, h, w, config.num_keypoints)
         elif config.pool == "avgpool":
             self.pool = GlobalAveragePool(c)
+        elif config.pool == "flatten":
+            self.pool = GridPool(c, h, w, max(h, w))
         else:
             self.pool = GridPool(c, h, w, config.grid)
         self.head = nn.Linear(self.pool.out_dim, config.feature_dim)

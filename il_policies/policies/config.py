@@ -92,7 +92,7 @@ class AugmentConfig:
 
 BACKBONES = ("conv", "resnet18", "resnet34")
 NORMS = ("group", "batch", "frozen")
-POOLS = ("grid", "spatial_softmax", "avgpool")
+POOLS = ("grid", "spatial_softmax", "avgpool", "flatten")
 
 
 @dataclass
@@ -102,7 +102,7 @@ class VisionConfig:
     backbone: str = "conv"  # conv (small strided convolutions) | resnet18 | resnet34 (torchvision's)
     norm: str = "group"  # ResNet normalization: group | batch | frozen (FrozenBatchNorm; needs `weights`)
     weights: str | None = None  # a local torchvision ResNet state_dict file (nothing is downloaded)
-    pool: str = "grid"  # grid (average-pooled to grid x grid, every cell kept) | spatial_softmax (keypoints) | avgpool
+    pool: str = "grid"  # grid (average-pooled to grid x grid, every cell kept) | flatten (the whole map) | spatial_softmax (keypoints) | avgpool
     grid: int = 4  # pool=grid
     num_keypoints: int = 32  # pool=spatial_softmax
     feature_dim: int = 64  # each camera's output
