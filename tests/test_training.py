@@ -15,6 +15,7 @@ from il_policies.training import NonFiniteLossError, Workspace
 from il_policies.training.workspace import clip_grad_norm
 from il_policies.training.distributed import DistributedContext, GlobalBatchOrder
 from tests.conftest import REPO, make_cfg
+from tests.test_policies import small_overrides
 
 BC_SMALL = ["policy=bc", "policy.hidden_dims=[64,64]"]
 
@@ -53,15 +54,18 @@ def _params(policy) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in policy.state_dict().items()}
 
 
-@pytest.mark.parametrize("ema,accel,store_fixture", [
-    (False, False, "linear_store"), (True, False, "linear_store"), (False, True, "linear_store"),
-    (False, False, "image_store"),  # random crops and colour jitter drawn from the restored generator
-])
-def test_interrupted_run_resumes_to_identical_parameters(store_fixture, request, tmp_path, monkeypatch, ema, accel):
+BC_DROPOUT = [*BC_SMALL, "policy.dropout=0.1"]  # dropout: the RNG state must be restored too (accel: numpy masks seeded from it)
+
+
+@pytest.mark.parametrize("policy,ema,accel,store_fixture", [
+    (BC_DROPOUT, False, False, "linear_store"), (BC_DROPOUT, True, False, "linear_store"), (BC_DROPOUT, False, True, "linear_store"),
+    (BC_DROPOUT, False, False, "image_store"),  # random crops and colour jitter drawn from the restored generator
+    (small_overrides("diffusion"), True, False, "image_store"),  # noise and diffusion steps drawn too
+], ids=["bc", "bc-ema", "bc-accel", "bc-image", "diffusion-ema-image"])
+def test_interrupted_run_resumes_to_identical_parameters(policy, store_fixture, request, tmp_path, monkeypatch, ema, accel):
     store = request.getfixturevalue(store_fixture)
     overrides = [
-        *BC_SMALL, "policy.dropout=0.1",  # dropout: the RNG state must be restored too (accel: numpy masks seeded from it)
-        "policy.augment.color_jitter=0.2",
+        *policy, "policy.augment.color_jitter=0.2",
         f"task.dataset_path={store}", "training.steps=40", "training.batch_size=16",
         f"training.ema.enabled={ema}", "training.lr_warmup_steps=5", f"training.accel={accel}",
     ]

@@ -35,8 +35,8 @@ class _Network(torch.nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.policy._predict_action_chunk(obs)
+    def forward(self, obs: dict[str, torch.Tensor], noise: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.policy._predict_action_chunk(obs, **noise)  # noise: {} for a deterministic network
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -52,21 +52,26 @@ def export_onnx(policy, path: str | os.PathLike, metadata: dict[str, Any] | None
     metadata (`policy.metadata`, the config, and `metadata`) inside."""
     import onnx
 
+    if getattr(policy, "samples_noise_in_steps", False):
+        raise ValueError(f"policy {policy.name!r} samples with {policy.config.inference_scheduler}, which draws fresh noise "
+                         "at every step inside the network; export a deterministic sampler (DDIMScheduler with eta=0, "
+                         "DPMSolverMultistepScheduler) or run it with backend='torch'")
     network = accelerate(copy.deepcopy(policy).cpu().eval())
     obs_meta = policy.shape_meta["obs"]
     # Batch 2 in the example: an example of size 1 would make the exporter specialize the batch to 1.
     example = {key: torch.zeros(2, policy.window.n_obs_steps, *obs_meta[key]["shape"]) for key in policy.obs_keys}
+    noise = policy.network_noise(2)  # the random inputs drawn outside the graph (Diffusion's x_K), as inputs
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*axis name: batch will not be used")  # every input shares the one batch axis
         program = torch.onnx.export(
-            _Network(network).eval(), (), kwargs={"obs": example}, dynamo=True, optimize=True, verbose=False,
-            input_names=list(policy.obs_keys), output_names=["action"],
-            dynamic_shapes={"obs": {key: {0: batch} for key in policy.obs_keys}},
+            _Network(network).eval(), (), kwargs={"obs": example, "noise": noise}, dynamo=True, optimize=True, verbose=False,
+            input_names=[*policy.obs_keys, *noise], output_names=["action"],
+            dynamic_shapes={"obs": {key: {0: batch} for key in policy.obs_keys}, "noise": {key: {0: batch} for key in noise}},
         )
     model = program.model_proto
     entry = model.metadata_props.add()
-    info = {"format": EXPORT_FORMAT, "torch": torch.__version__, **policy.metadata,
+    info = {"format": EXPORT_FORMAT, "torch": torch.__version__, **policy.metadata, "noise_inputs": sorted(noise),
             "policy_config": dataclasses.asdict(policy.config), **(metadata or {})}
     entry.key, entry.value = "il_policies", json.dumps(info)
     path = Path(path)
@@ -105,16 +110,20 @@ def cached_export(policy, checkpoint: str | os.PathLike, onnx_path: str | os.Pat
 class _Runtime:
     """Calls an exported network with the policy's observation tensors; returns a torch tensor."""
 
-    def __init__(self, path: Path, input_names: list[str]):
+    def __init__(self, path: Path, input_names: list[str], draw_noise=None):
         self.path, self.input_names = path, input_names
+        self.draw_noise = draw_noise  # policy.network_noise: the graph's random inputs, drawn from the caller's generator
 
     def __call__(self, obs, generator=None) -> torch.Tensor:
-        feed = {name: np.ascontiguousarray(obs[name].detach().cpu().numpy(), dtype=np.float32) for name in self.input_names}
+        inputs = dict(obs)
+        if self.draw_noise is not None:
+            inputs |= self.draw_noise(next(iter(obs.values())).shape[0], generator)
+        feed = {name: np.ascontiguousarray(inputs[name].detach().cpu().numpy(), dtype=np.float32) for name in self.input_names}
         return torch.from_numpy(self._run(feed))
 
 
 class OnnxRuntimeNetwork(_Runtime):
-    def __init__(self, path: str | os.PathLike, num_threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, num_threads: int | None = None, draw_noise=None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -123,14 +132,14 @@ class OnnxRuntimeNetwork(_Runtime):
         # Idle worker threads sleep instead of spinning: a robot computer runs other processes too.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        super().__init__(Path(path), [i.name for i in self.session.get_inputs()])
+        super().__init__(Path(path), [i.name for i in self.session.get_inputs()], draw_noise)
 
     def _run(self, feed):
         return self.session.run(["action"], feed)[0]
 
 
 class OpenVINONetwork(_Runtime):
-    def __init__(self, path: str | os.PathLike, num_threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, num_threads: int | None = None, draw_noise=None):
         try:
             import openvino as ov
         except ImportError:
@@ -141,8 +150,9 @@ class OpenVINONetwork(_Runtime):
             "INFERENCE_NUM_THREADS": num_threads or torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_PRECISION_HINT": "f32"})
         # A port may carry several tensor names; the export named each input after its observation key.
-        keys = set(onnx_metadata(path).get("observations", {}))
-        super().__init__(Path(path), [next(iter(sorted(port.get_names() & keys or port.get_names()))) for port in self.model.inputs])
+        keys = set(onnx_metadata(path).get("observations", {})) | set(onnx_metadata(path).get("noise_inputs", []))
+        super().__init__(Path(path), [next(iter(sorted(port.get_names() & keys or port.get_names()))) for port in self.model.inputs],
+                         draw_noise)
 
     def _run(self, feed):
         return self.model(feed)[self.model.output(0)]
@@ -156,7 +166,8 @@ def use_exported_network(policy, checkpoint, backend: str, onnx_path=None, num_t
     if backend not in RUNTIMES:
         raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     path = cached_export(policy, checkpoint, onnx_path)
-    policy.use_backend(RUNTIMES[backend](path, num_threads))
+    draw_noise = policy.network_noise if policy.network_noise(1) else None
+    policy.use_backend(RUNTIMES[backend](path, num_threads, draw_noise))
     return path
 
 

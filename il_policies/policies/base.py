@@ -90,6 +90,12 @@ class Policy(nn.Module, abc.ABC):
         actions in raw units for the steps t + window.start, ...; a sampling policy draws its noise
         from `generator` (torch's global generator when None)."""
 
+    def network_noise(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The random inputs a sampling network draws before it runs, by name (Diffusion Policy's initial
+        noise); `_predict_action_chunk(obs, noise=...)` takes them instead of drawing its own, so an
+        exported graph takes them as inputs and gives the same actions for the same generator. {}: none."""
+        return {}
+
     def use_backend(self, network: Callable | None) -> None:
         """Run `network(obs, generator)` in place of `_predict_action_chunk` (an exported runtime, a
         compiled graph: `il_policies.accel.backends`); None goes back to the policy's own network."""

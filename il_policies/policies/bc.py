@@ -3,8 +3,8 @@
     a_{t:t+H} = f(o_{t-T+1:t}),    L = || f(o) - a ||^2   (normalized units, padded steps masked)
 
 `encoder: conv` (default): each camera through the shared image encoder (`vision`: backbone,
-pooling, linear; `il_policies.nn.vision`), low-dim observations as they are, then an MLP. Images are
-randomly cropped in training (`augment`, 0.9 of each side) and center-cropped at evaluation.
+pooling, linear; `il_policies.nn.vision`), low-dim observations as they are, then an MLP. No image
+augmentation by default (`augment.kind=crop|shift` for cameras whose scene moves in the frame).
 Chunks (`horizon`) and observation history (`n_obs_steps`), executed through the action queue or
 temporal ensembling, as every policy. `encoder: conv_vae`: f is BVAE's encoder E itself (the conv VAE family of
 `il_policies.nn.conv_vae`, its output the action chunk instead of a posterior): the writeup's "NN"

@@ -25,6 +25,7 @@ POLICY_MODULES = {
     "act": "il_policies.policies.act",
     "bc": "il_policies.policies.bc",
     "bvae": "il_policies.policies.bvae",
+    "diffusion": "il_policies.policies.diffusion",
     "vae_nn": "il_policies.policies.vae_nn",
 }
 _REGISTRY: dict[str, type[Policy]] = {}

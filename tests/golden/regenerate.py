@@ -1,4 +1,4 @@
-"""Write the golden references: `python -m tests.golden.regenerate` (from the repository root).
+"""Write the golden references: `python -m tests.golden.regenerate [CONFIG ...]` (from the repository root).
 
 For every registered policy config of the registry-wide tests (`tests/test_policies.py` CONFIGS, small
 shapes): 3 fixed-seed training steps on the fixture image store, then one file `<config>.pt` that is a
@@ -10,6 +10,7 @@ network, a loss or the checkpoint format, and say so in the commit.
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 from pathlib import Path
 
@@ -40,11 +41,16 @@ def loss_terms(policy, batch) -> dict[str, float]:
     return {"loss": loss.item(), **metrics}
 
 
-def main() -> None:
+def sampling_generator() -> torch.Generator:
+    """Sampling policies (Diffusion) draw their noise from it; the others ignore it."""
+    return torch.Generator().manual_seed(0)
+
+
+def main(only: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "image.zarr"
         write_linear_store(store, n_episodes=4, length=20, image_size=24)
-        for name in CONFIGS:
+        for name in only or CONFIGS:
             out = Path(tmp) / name
             workspace = Workspace(make_cfg([*small_overrides(name), f"task.dataset_path={store}", *OVERRIDES]), out)
             workspace.run()
@@ -55,7 +61,7 @@ def main() -> None:
             policy = workspace.policy
             with workspace._inference_weights():
                 policy.eval()
-                actions = policy.predict_action_chunk(obs)
+                actions = policy.predict_action_chunk(obs, sampling_generator())
                 terms = loss_terms(policy, batch)
             payload["golden"] = {"obs": obs, "actions": actions, "batch": batch, "loss_terms": terms}
             path = save_checkpoint(GOLDEN / f"{name}.pt", payload)
@@ -63,4 +69,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("only", nargs="*", choices=[[], *CONFIGS], help="configs to regenerate (default: all)")
+    main(parser.parse_args().only)
