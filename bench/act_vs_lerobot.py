@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from workers import Worker, cpu_model, matmul_peak_gflops, serve
+from workers import Worker, alternate, cpu_model, matmul_peak_gflops, print_table, serve, summarize
 
 PEER_BENCH = Path(os.environ.get("PEER_BENCH", "/work/shared/bench"))
 STATE, ACTION, IMAGE, CHUNK = 14, 14, (3, 96, 96), 100
@@ -274,10 +274,6 @@ def worker_main(kind: str):
 # ---------------------------------------------------------------------------------------------------
 # the driver
 # ---------------------------------------------------------------------------------------------------
-def med_ms(xs):
-    return round(statistics.median(xs) * 1000, 2) if xs else None
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -308,57 +304,19 @@ def main():
     jobs = {"train": [(v, v) for v in TRAIN_VARIANTS], "infer": [(v, v) for v in INFER_VARIANTS]}
     if "lerobot" in workers:
         jobs = {kind: [*js, ("lerobot", "lerobot")] for kind, js in jobs.items()}
-    rows = sorted({v for js in jobs.values() for _, v in js}, key=[*INFER_VARIANTS, "lerobot"].index)
-    times = {v: {"train": [], "infer": [], "queue": []} for v in rows}
-    per_round = {v: {"train": [], "infer": []} for v in rows}
-    peaks = []
-    for r in range(args.rounds):
-        peaks.append(workers["torch"]("peak")["gflops"])
-        for kind, js in jobs.items():
-            order = js[r % len(js):] + js[: r % len(js)]  # every job takes every place, after every other
-            if (r // len(js)) % 2:
-                order.reverse()
-            for worker, variant in order:
-                n = args.train_steps if kind == "train" else args.infer_calls
-                got = workers[worker](kind, variant=variant, n=n)["times"]
-                times[variant][kind] += got
-                per_round[variant][kind].append(statistics.median(got))
-        for worker, variant in jobs["infer"]:
-            times[variant]["queue"] += workers[worker]("queue", variant=variant, n=5)["times"]
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{v} train {med_ms(t['train'])} infer {med_ms(t['infer'])} ms" for v, t in times.items()), file=sys.stderr)
+    times, per_round, peaks = alternate(workers, jobs, args.rounds, {"train": args.train_steps, "infer": args.infer_calls})
     for w in workers.values():
         w.close()
 
     peak = statistics.median(peaks)
     result["matmul_peak_gflops"] = {"median": peak, "per_round": peaks}
-    summary = {}
-    for v, t in times.items():
-        s = {"train_step_ms": med_ms(t["train"]), "model_call_ms": med_ms(t["infer"]), "queue_call_ms": med_ms(t["queue"])}
-        for what, key in (("train", "train_step_ms"), ("infer", "model_call_ms")):
-            if s[key]:
-                s[f"{what}_frac_of_peak"] = round(NOMINAL_GFLOP[what] / (s[key] / 1000) / peak, 3)
-        if "lerobot" in times:
-            for what, key in (("train", "train_step_ms"), ("infer", "model_call_ms")):
-                if s[key] and v != "lerobot":
-                    paired = [o / p for o, p in zip(per_round[v][what], per_round["lerobot"][what])]
-                    s[f"{what}_ratio"] = round(s[key] / summary_or(times, "lerobot", what), 3)
-                    s[f"{what}_ratio_paired"] = [round(statistics.median(paired), 3), round(min(paired), 3), round(max(paired), 3)]
-        summary[v] = s
+    summary = summarize(times, per_round, peak, NOMINAL_GFLOP)
     result["summary"] = summary
     result["wall_s"] = round(time.perf_counter() - t0, 1)
 
     print(f"\n{result['cpu']}, fp32 matmul peak {peak} GFLOP/s (2 threads; per round {min(peaks)}-{max(peaks)}); "
           "medians, ratio = ours / LeRobot (paired median [min, max])")
-    print(f"{'':13}{'train step b8':>16}{'ratio':>30}{'% peak':>8}{'model call b1':>16}{'ratio':>30}{'% peak':>8}{'queue':>10}")
-    for v, s in summary.items():
-        def cell(what, key):
-            if not s[key]:
-                return f"{'-':>16}{'':>30}{'':>8}"
-            ratio = f"{s[what + '_ratio']} ({s[what + '_ratio_paired'][0]} [{s[what + '_ratio_paired'][1]}, {s[what + '_ratio_paired'][2]}])" \
-                if what + "_ratio" in s else ""
-            return f"{s[key]:>13} ms{ratio:>30}{100 * s[what + '_frac_of_peak']:>7.0f}%"
-        print(f"{v:13}{cell('train', 'train_step_ms')}{cell('infer', 'model_call_ms')}{s['queue_call_ms']:>7} ms")
+    print_table(summary)
     print("targets (issue 10): accel training <= 0.75; onnxruntime model call <= 0.30 and >= 50 % of peak; torch model call <= 0.8")
     if "check" in result:
         print(f"same function as LeRobot's ACT (its weights loaded into ours): {result['check']}")
@@ -366,10 +324,6 @@ def main():
     if args.out:
         Path(args.out).write_text(line + "\n")
     print(line)
-
-
-def summary_or(times, variant, what) -> float:
-    return statistics.median(times[variant][what]) * 1000
 
 
 if __name__ == "__main__":

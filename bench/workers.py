@@ -78,3 +78,79 @@ def matmul_peak_gflops(torch) -> float:
         a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * 2048**3 / best / 1e9
+
+
+# ---------------------------------------------------------------------------------------------------
+# the side-by-side driver shared by the *_vs_lerobot benchmarks
+# ---------------------------------------------------------------------------------------------------
+def med_ms(xs):
+    import statistics
+
+    return round(statistics.median(xs) * 1000, 2) if xs else None
+
+
+def alternate(workers: dict, jobs: dict, rounds: int, counts: dict, queue_n: int = 5, peak_worker: str = "torch"):
+    """Drive `jobs` ({kind: [(worker name, variant), ...]}) for `rounds` rounds, `counts[kind]` calls per
+    job per round, the order rotating every round (and reversed every other cycle) so that every job takes
+    every place after every other; after each round, `queue_n` queue calls of every "infer" job. The
+    fp32 matmul peak is measured by `peak_worker` at the start of each round.
+
+    Returns (times {variant: {kind: [s, ...]}}, per_round {variant: {kind: [median per round]}}, peaks)."""
+    import statistics
+
+    variants = [v for js in jobs.values() for _, v in js]
+    times = {v: {"train": [], "infer": [], "queue": []} for v in dict.fromkeys(variants)}
+    per_round = {v: {"train": [], "infer": []} for v in times}
+    peaks = []
+    for r in range(rounds):
+        peaks.append(workers[peak_worker]("peak")["gflops"])
+        for kind, js in jobs.items():
+            order = js[r % len(js):] + js[: r % len(js)]
+            if (r // len(js)) % 2:
+                order.reverse()
+            for worker, variant in order:
+                got = workers[worker](kind, variant=variant, n=counts[kind])["times"]
+                times[variant][kind] += got
+                per_round[variant][kind].append(statistics.median(got))
+        if queue_n:
+            for worker, variant in jobs.get("infer", []):
+                times[variant]["queue"] += workers[worker]("queue", variant=variant, n=queue_n)["times"]
+        print(f"round {r + 1}/{rounds}: " + ", ".join(
+            f"{v} train {med_ms(t['train'])} infer {med_ms(t['infer'])} ms" for v, t in times.items()), file=sys.stderr)
+    return times, per_round, peaks
+
+
+def summarize(times: dict, per_round: dict, peak: float, nominal_gflop, baseline: str = "lerobot") -> dict:
+    """Medians in ms, the fraction of the matmul peak (`nominal_gflop(variant, kind)` GFLOP per call, or
+    `nominal_gflop[kind]` for every variant, over the time),
+    and, against `baseline`, the ratio of medians and the paired ratio (within each round) [median, min, max]."""
+    import statistics
+
+    summary = {}
+    for v, t in times.items():
+        s = {"train_step_ms": med_ms(t["train"]), "model_call_ms": med_ms(t["infer"]), "queue_call_ms": med_ms(t["queue"])}
+        for what, key in (("train", "train_step_ms"), ("infer", "model_call_ms")):
+            gflop = nominal_gflop(v, what) if callable(nominal_gflop) else nominal_gflop.get(what)
+            if s[key] and gflop:
+                s[f"{what}_frac_of_peak"] = round(gflop / (s[key] / 1000) / peak, 3)
+            if s[key] and v != baseline and baseline in times and times[baseline][what]:
+                paired = [o / p for o, p in zip(per_round[v][what], per_round[baseline][what])]
+                s[f"{what}_ratio"] = round(s[key] / (statistics.median(times[baseline][what]) * 1000), 3)
+                s[f"{what}_ratio_paired"] = [round(statistics.median(paired), 3), round(min(paired), 3), round(max(paired), 3)]
+        summary[v] = s
+    return summary
+
+
+def print_table(summary: dict, width: int = 13) -> None:
+    """One row per variant: training step and model call (median, ratio to the baseline, % of peak), queue call."""
+    print(f"{'':{width}}{'train step':>16}{'ratio':>30}{'% peak':>8}{'model call b1':>16}{'ratio':>30}{'% peak':>8}{'queue':>10}")
+    for v, s in summary.items():
+        def cell(what, key):
+            if not s[key]:
+                return f"{'-':>16}{'':>30}{'':>8}"
+            ratio = f"{s[what + '_ratio']} ({s[what + '_ratio_paired'][0]} [{s[what + '_ratio_paired'][1]}, {s[what + '_ratio_paired'][2]}])" \
+                if what + "_ratio" in s else ""
+            peak = f"{100 * s[what + '_frac_of_peak']:>7.0f}%" if what + "_frac_of_peak" in s else f"{'':>8}"
+            return f"{s[key]:>13} ms{ratio:>30}{peak}"
+        queue = f"{s['queue_call_ms']:>7} ms" if s["queue_call_ms"] is not None else f"{'-':>10}"
+        print(f"{v:{width}}{cell('train', 'train_step_ms')}{cell('infer', 'model_call_ms')}{queue}")

@@ -161,3 +161,21 @@ def test_matmul_adaptive_average_pooling_equals_torchs(size, out):
     ref = nn.AdaptiveAvgPool2d(out)
     x = torch.randn(2, 6, *size, requires_grad=True)
     assert_same_function(swapped(ref, MatmulAdaptiveAvgPool2d)(x), ref(x), [x], [x])
+
+
+@pytest.mark.parametrize("in_channels,out_channels,kernel,stride,padding,length", [
+    (14, 32, 5, 1, 2, 16),   # the U-Net's first convolution
+    (64, 64, 3, 2, 1, 16),   # its stride-2 downsampling
+    (32, 48, 1, 1, 0, 8),    # a 1x1 residual projection
+    (8, 8, 4, 3, 0, 11),     # no padding, a stride that leaves a remainder
+])
+def test_matmul_conv1d_equals_torchs_conv1d(in_channels, out_channels, kernel, stride, padding, length):
+    from il_policies.accel.swaps import MatmulConv1d
+
+    torch.manual_seed(0)
+    ref = nn.Conv1d(in_channels, out_channels, kernel, stride=stride, padding=padding)
+    fast = swapped(ref, MatmulConv1d)
+    x = torch.randn(3, in_channels, length, requires_grad=True)
+    assert_same_function(fast(x), ref(x), [*fast.parameters(), x], [*ref.parameters(), x])
+    with torch.no_grad():  # batch 1, the robot's
+        torch.testing.assert_close(fast(x[:1]), ref(x[:1]), rtol=1e-5, atol=1e-6)

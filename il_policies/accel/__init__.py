@@ -19,6 +19,7 @@ from il_policies.accel.swaps import (
     FastMultiheadAttention,
     FirstTokenEncoderLayer,
     MatmulAdaptiveAvgPool2d,
+    MatmulConv1d,
     OneDNNLinear,
     ZeroTargetDecoderLayer,
 )
@@ -50,6 +51,7 @@ def accelerate(policy: nn.Module) -> nn.Module:
         _swap(module, nn.Linear, OneDNNLinear)
         _swap(module, NonDynamicallyQuantizableLinear, OneDNNLinear)  # nn.MultiheadAttention's out_proj
         _swap(module, nn.AdaptiveAvgPool2d, MatmulAdaptiveAvgPool2d)
+        _swap(module, nn.Conv1d, MatmulConv1d)
         if isinstance(module, ResNetBackbone):
             module.to(memory_format=torch.channels_last)
     swaps = POLICY_SWAPS.get(getattr(policy, "name", None))

@@ -16,6 +16,9 @@ and gradients.
   the keys and values.
 - `MatmulAdaptiveAvgPool2d` (for `nn.AdaptiveAvgPool2d`): the window averages as two products with
   averaging matrices, which an ONNX runtime runs as two matmuls instead of index gathers and masks.
+- `MatmulConv1d` (for `nn.Conv1d`): the convolution as one matrix product of the unfolded windows
+  (im2col) with the flattened kernel, instead of torch's generic CPU convolution for 1D signals
+  (Diffusion Policy's U-Net runs dozens of them per denoising step on short action sequences).
 - `FirstTokenEncoderLayer`: an encoder's last layer when only the first position's output is read
   (ACT's CVAE encoder reads its CLS token).
 - `ZeroTargetDecoderLayer`: a decoder's first layer when its target is always zero (ACT): the
@@ -194,6 +197,23 @@ class MatmulAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
         return rows @ x @ cols.T
 
 
+class MatmulConv1d(nn.Conv1d):
+    """`nn.Conv1d` as windows @ kernel: (B, C, T) -> (B, T', C * k) windows -> (B, T', C_out) -> (B, C_out, T')."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super().forward(x)
+        (k,), (stride,), (dilation,), (pad,) = self.kernel_size, self.stride, self.dilation, self.padding
+        if dilation != 1:
+            return super().forward(x)
+        if k == 1 and stride == 1 and pad == 0:
+            windows = rearrange(x, "b c t -> b t c")
+        else:
+            windows = rearrange(F.pad(x, (pad, pad)).unfold(2, k, stride), "b c t k -> b t (c k)")
+        out = F.linear(windows, rearrange(self.weight, "o c k -> o (c k)"), self.bias)
+        return rearrange(out, "b t o -> b o t")
+
+
 class FirstTokenEncoderLayer(EncoderLayer):
     """`EncoderLayer` computing the first position only: (1, B, D)."""
 
@@ -216,6 +236,6 @@ class ZeroTargetDecoderLayer(DecoderLayer):
 
 
 __all__ = [
-    "FastDropout", "FastMultiheadAttention", "FirstTokenEncoderLayer", "MatmulAdaptiveAvgPool2d", "OneDNNLinear", "ZeroTargetDecoderLayer",
+    "FastDropout", "FastMultiheadAttention", "FirstTokenEncoderLayer", "MatmulAdaptiveAvgPool2d", "MatmulConv1d", "OneDNNLinear", "ZeroTargetDecoderLayer",
     "bernoulli_keep_mask", "fast_dropout", "linear",
 ]
