@@ -42,28 +42,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from workers import Worker, alternate, cpu_model, matmul_peak_gflops, print_table, serve, summarize
+from workers import LeRobotWorker, PolicyTimings, Worker, alternate, cpu_model, print_table, serve, summarize, timed
 
-PEER_BENCH = Path(os.environ.get("PEER_BENCH", "/work/shared/bench"))
 STATE, ACTION, IMAGE, CHUNK = 14, 14, (3, 96, 96), 100
 NOMINAL_GFLOP = {"train": 135.0, "infer": 2.06}  # LeRobot's ACT, peer_flops.py (FlopCounterMode)
 TRAIN_VARIANTS = ("torch", "accel")
 INFER_VARIANTS = ("torch", "accel", "onnxruntime", "openvino")
 
 
-def _timed(fn, n):
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return times
-
-
 # ---------------------------------------------------------------------------------------------------
 # workers: read one JSON command per line on stdin, answer one JSON line on stdout
 # ---------------------------------------------------------------------------------------------------
-class OursWorker:
+class OursWorker(PolicyTimings):
     def __init__(self, variant: str):
         import torch
         from types import SimpleNamespace
@@ -117,27 +107,10 @@ class OursWorker:
         def step():
             self._train_step(shim, self.batch(size))
             shim.step += 1
-        return _timed(step, n)
-
-    def infer(self, variant, n):
-        policy = self.policies[variant]
-
-        def call():
-            policy.reset()
-            policy.select_action(self.obs())
-        return _timed(call, n)
-
-    def queue(self, variant, n):
-        policy = self.policies[variant]
-        policy.reset()
-        policy.select_action(self.obs())
-        return _timed(lambda: policy.select_action(self.obs()), n)
+        return timed(step, n)
 
     def info(self):
         return {"params": sum(p.numel() for p in self.reference.parameters()), "torch": self.torch.__version__}
-
-    def peak(self):
-        return {"gflops": round(matmul_peak_gflops(self.torch), 1)}
 
     def check(self, path):
         """Load LeRobot's weights (dumped by the peer worker) into a fresh copy of ours and compare outputs."""
@@ -190,51 +163,9 @@ def map_lerobot_state(theirs, ours_state):
     return out
 
 
-class PeerWorker:
+class PeerWorker(LeRobotWorker):
     def __init__(self):
-        import torch
-
-        sys.path.insert(0, str(PEER_BENCH))
-        import peer_lerobot as P
-
-        torch.manual_seed(0)
-        self.P, self.torch = P, torch
-        self.policy, self.cfg, lr, wd, *_ = P.build_case("act_img")
-        self.optimizer = torch.optim.AdamW(self.policy.get_optim_params(), lr=lr, weight_decay=wd)
-
-    def train(self, variant, n, size=8):
-        policy, torch = self.policy, self.torch
-
-        def step():  # as peer_lerobot.run_case (lerobot_train.update_policy)
-            batch = self.P.make_train_batch(self.cfg, size, True, "act")
-            policy.train()
-            loss, _ = policy.forward(batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
-            self.optimizer.step()
-            self.optimizer.zero_grad()
-            loss.item()
-        return _timed(step, n)
-
-    def infer(self, variant, n):
-        self.policy.eval()
-
-        def call():
-            self.policy.reset()
-            self.policy.select_action(self.P.make_obs(True))
-        return _timed(call, n)
-
-    def queue(self, variant, n):
-        self.policy.eval()
-        self.policy.reset()
-        self.policy.select_action(self.P.make_obs(True))
-        return _timed(lambda: self.policy.select_action(self.P.make_obs(True)), n)
-
-    def info(self):
-        import lerobot
-
-        return {"params": sum(p.numel() for p in self.policy.parameters()), "torch": self.torch.__version__,
-                "lerobot": getattr(lerobot, "__version__", "?")}
+        super().__init__("act_img")
 
     def dump(self, path):
         torch, policy = self.torch, self.policy

@@ -40,9 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from workers import Worker, alternate, cpu_model, matmul_peak_gflops, print_table, serve, summarize
+from workers import LeRobotWorker, PolicyTimings, Worker, alternate, copy_bandwidth_gbs, cpu_model, print_table, serve, summarize, timed
 
-PEER_BENCH = Path(os.environ.get("PEER_BENCH", "/work/shared/bench"))
 STATE, ACTION, IMAGE, HORIZON, N_OBS = 14, 14, (3, 96, 96), 16, 2
 SAMPLERS = {"ddpm100": {"inference_scheduler": "DDPMScheduler", "num_inference_steps": 100},
             "ddim10": {"inference_scheduler": "DDIMScheduler", "num_inference_steps": 10}}
@@ -50,19 +49,10 @@ BACKENDS = ("torch", "accel", "onnxruntime", "openvino")
 TRAIN_BACKENDS = ("torch", "accel")
 
 
-def _timed(fn, n):
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return times
-
-
-class OursWorker:
+class OursWorker(PolicyTimings):
     """One backend; its policies for each sampler share one set of weights."""
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, down_dims: tuple[int, ...] = (512, 1024, 2048)):
         import copy
         from types import SimpleNamespace
 
@@ -79,7 +69,8 @@ class OursWorker:
         self.torch, self.backend = torch, backend
         meta = {"obs": {"agent_pos": {"shape": (STATE,), "kind": "low_dim"}, "image": {"shape": IMAGE, "kind": "rgb"}},
                 "action": {"shape": (ACTION,)}}
-        crop = {"augment": {"kind": "none"}, "vision": {"backbone": "resnet18", "norm": "batch", "pool": "spatial_softmax"}}
+        crop = {"augment": {"kind": "none"}, "vision": {"backbone": "resnet18", "norm": "batch", "pool": "spatial_softmax"},
+                "down_dims": tuple(down_dims)}
         self.reference = make_policy({"name": "diffusion", **crop, **SAMPLERS["ddpm100"]}, meta)
         self.policies = {}
         for sampler in ("ddim10",) if backend in RUNTIMES else SAMPLERS:
@@ -114,29 +105,15 @@ class OursWorker:
         def step():
             self._train_step(self.shim, self.batch(size))
             self.shim.step += 1
-        return _timed(step, n)
-
-    def infer(self, variant, n):
-        policy = self.policies[variant]
-
-        def call():
-            policy.reset()
-            policy.select_action(self.obs())
-        return _timed(call, n)
-
-    def queue(self, variant, n):
-        policy = self.policies[variant]
-        policy.reset()
-        policy.select_action(self.obs())
-        return _timed(lambda: policy.select_action(self.obs()), n)
+        return timed(step, n)
 
     def info(self):
         unet = sum(p.numel() for p in self.reference.unet.parameters())
         return {"params": sum(p.numel() for p in self.reference.parameters()), "unet_weights_mb": round(4 * unet / 2**20, 1),
                 "torch": self.torch.__version__}
 
-    def peak(self):
-        return {"gflops": round(matmul_peak_gflops(self.torch), 1)}
+    def bandwidth(self):
+        return {"gbs": round(copy_bandwidth_gbs(self.torch), 1)}
 
     def flops(self):
         """GFLOP of one training step (batch 8) and of one model call per sampler, on the reference network."""
@@ -203,51 +180,9 @@ def _encoder_name(name: str) -> str:
     return name.replace("backbone.", "backbone.body.", 1).replace("pool.nets.", "pool.keypoint_maps.", 1).replace("out.", "head.", 1)
 
 
-class PeerWorker:
+class PeerWorker(LeRobotWorker):
     def __init__(self):
-        import torch
-
-        sys.path.insert(0, str(PEER_BENCH))
-        import peer_lerobot as P
-
-        torch.manual_seed(0)
-        self.P, self.torch = P, torch
-        self.policy, self.cfg, lr, wd, *_ = P.build_case("diffusion_img")
-        self.optimizer = torch.optim.AdamW(self.policy.get_optim_params(), lr=lr, weight_decay=wd)
-
-    def train(self, variant, n, size=8):
-        policy, torch = self.policy, self.torch
-
-        def step():  # as peer_lerobot.run_case (lerobot_train.update_policy)
-            batch = self.P.make_train_batch(self.cfg, size, True, "diffusion")
-            policy.train()
-            loss, _ = policy.forward(batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
-            self.optimizer.step()
-            self.optimizer.zero_grad()
-            loss.item()
-        return _timed(step, n)
-
-    def infer(self, variant, n):
-        self.policy.eval()
-
-        def call():
-            self.policy.reset()
-            self.policy.select_action(self.P.make_obs(True))
-        return _timed(call, n)
-
-    def queue(self, variant, n):
-        self.policy.eval()
-        self.policy.reset()
-        self.policy.select_action(self.P.make_obs(True))
-        return _timed(lambda: self.policy.select_action(self.P.make_obs(True)), n)
-
-    def info(self):
-        import lerobot
-
-        return {"params": sum(p.numel() for p in self.policy.parameters()), "torch": self.torch.__version__,
-                "lerobot": getattr(lerobot, "__version__", "?")}
+        super().__init__("diffusion_img")
 
     def dump(self, path):
         torch, model = self.torch, self.policy.diffusion
@@ -267,12 +202,12 @@ class PeerWorker:
         return {"ok": True}
 
 
-def worker_main(kind: str):
+def worker_main(kind: str, down_dims: str):
     import torch
 
     torch.set_num_threads(2)
     backend = kind.removeprefix("ours-")
-    worker = OursWorker(backend) if kind.startswith("ours-") else PeerWorker()
+    worker = OursWorker(backend, tuple(int(d) for d in down_dims.split(","))) if kind.startswith("ours-") else PeerWorker()
     if backend in TRAIN_BACKENDS or kind == "lerobot":  # warm-up
         worker.train(None, 1)
     for variant in getattr(worker, "policies", {"lerobot": None}):
@@ -288,26 +223,27 @@ def main():
     ap.add_argument("--train-steps", type=int, default=2, help="training steps per variant per round")
     ap.add_argument("--infer-calls", type=int, default=2, help="model-running select_action calls per variant per round")
     ap.add_argument("--backends", default=",".join(BACKENDS), help="which of ours to run")
+    ap.add_argument("--down-dims", default="512,1024,2048", help="our U-Net's widths (LeRobot's stays at its default)")
     ap.add_argument("--check", action="store_true", help="load LeRobot's weights into ours and compare outputs")
     ap.add_argument("--out", help="write the JSON result here too")
     args = ap.parse_args()
     if args.worker:
-        return worker_main(args.worker)
+        return worker_main(args.worker, args.down_dims)
 
     t0 = time.perf_counter()
     env = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     backends = [b for b in BACKENDS if b in args.backends.split(",")]
-    workers = {b: Worker(__file__, f"ours-{b}", env=env) for b in backends}
+    workers = {b: Worker(__file__, f"ours-{b}", "--down-dims", args.down_dims, env=env) for b in backends}
     if Path(args.peer_python).exists():
         workers["lerobot"] = Worker(__file__, "lerobot", python=args.peer_python, env=env)
     else:
         print(f"LeRobot not found at {args.peer_python}: measuring ours only", file=sys.stderr)
-    result = {"bench": "diffusion_vs_lerobot", "cpu": cpu_model(), "info": {k: w("info") for k, w in workers.items()},
+    result = {"bench": "diffusion_vs_lerobot", "cpu": cpu_model(), "info": {k: w("info") for k, w in workers.items()}, "down_dims": args.down_dims,
               "rounds": args.rounds, "train_steps": args.train_steps, "infer_calls": args.infer_calls}
     reference = backends[0]
     flops = workers[reference]("flops")
     result["gflop"] = flops
-    if args.check and "lerobot" in workers:
+    if args.check and "lerobot" in workers and args.down_dims == "512,1024,2048":
         dump = Path(tempfile.gettempdir()) / f"diffusion_vs_lerobot_{os.getpid()}.pt"
         workers["lerobot"]("dump", path=str(dump))
         result["check"] = workers[reference]("check", path=str(dump))
@@ -319,6 +255,7 @@ def main():
         jobs = {kind: [*js, ("lerobot", "lerobot")] for kind, js in jobs.items()}
     times, per_round, peaks = alternate(workers, jobs, args.rounds, {"train": args.train_steps, "infer": args.infer_calls},
                                         peak_worker=reference)
+    result["copy_bandwidth_gbs"] = workers[reference]("bandwidth")["gbs"]
     for w in workers.values():
         w.close()
 
@@ -332,8 +269,15 @@ def main():
     print(f"\n{result['cpu']}, fp32 matmul peak {peak} GFLOP/s (2 threads; per round {min(peaks)}-{max(peaks)}); "
           "medians, ratio = ours / LeRobot's DDPM-100 (paired median [min, max])")
     print_table(summary, width=22)
-    print(f"GFLOP per call: {json.dumps({k: round(v, 2) for k, v in flops.items()})}; U-Net weights streamed per denoising "
-          f"step: {result['info'][reference]['unet_weights_mb']} MB")
+    weights_gb = result["info"][reference]["unet_weights_mb"] * 2**20 / 1e9
+    print(f"GFLOP per call: {json.dumps({k: round(v, 2) for k, v in flops.items()})}; U-Net weights read per denoising step: "
+          f"{weights_gb:.3f} GB; copy bandwidth {result['copy_bandwidth_gbs']} GB/s (read + write, 1 GB tensor)")
+    for v, s in summary.items():
+        if s["model_call_ms"] and v != "lerobot":
+            steps = 10 if "ddim10" in v else 100
+            print(f"  {v}: {steps * weights_gb / (s['model_call_ms'] / 1000):.1f} GB/s of U-Net weights read")
+    if "lerobot" in summary and summary["lerobot"]["model_call_ms"] and args.down_dims == "512,1024,2048":
+        print(f"  lerobot: {100 * weights_gb / (summary['lerobot']['model_call_ms'] / 1000):.1f} GB/s of U-Net weights read")
     print("targets (issue 12): training step <= 0.8; model call with DDPM-100 <= 0.5; default DDIM-10 on the fastest backend <= 0.02")
     if "check" in result:
         print(f"same function as LeRobot's (its weights loaded into ours): {result['check']}")

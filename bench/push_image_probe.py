@@ -49,6 +49,25 @@ def expert_frames(seeds, size: int, camera: str):
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(np.stack(labels), dtype=torch.float32)
 
 
+def goal_pixel_scale(size: int, camera: str, seeds) -> tuple[np.ndarray, np.ndarray, int]:
+    """Pixels per cm of goal displacement (image x and y per goal x, per goal y), the goal's pixel spread
+    over `seeds`, and the most pixels the goal dot covers: where the green goal site lands in the frame."""
+    env = MetaWorldEnv("push-v3", image=True, image_size=size, camera=camera)
+    centers, goals, sizes = [], [], []
+    for seed in seeds:
+        obs, info = env.reset(seed=seed)
+        red, green, blue = (obs["image"][..., c].astype(int) for c in range(3))
+        ys, xs = np.nonzero((green > 150) & (red < 100) & (blue < 100))
+        if len(xs):
+            centers.append((xs.mean(), ys.mean()))
+            goals.append(info["expert_obs"][-3:-1])
+            sizes.append(len(xs))
+    env.close()
+    centers, goals = np.array(centers), np.array(goals)
+    slope = np.linalg.lstsq(np.c_[goals, np.ones(len(goals))], centers, rcond=None)[0][:2] / 100  # (goal x|y) x (px x, px y)
+    return slope, np.ptp(centers, axis=0), max(sizes)
+
+
 def probe(pool: str, augment: str, train, held_out, steps: int, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
     (x_train, y_train), (x_test, y_test) = train, held_out
     torch.manual_seed(seed)
@@ -94,6 +113,9 @@ def main():
     print(f"{len(train[0])} training frames ({args.train_episodes} episodes), {len(held_out[0])} held-out frames; "
           f"{args.size}x{args.size} {args.camera}, augment {args.augment}; mean absolute error in cm ({', '.join(LABELS)})")
     print(f"label spread on held-out frames (SD, cm): {np.round(held_out[1].std(0).numpy() * 100, 2)}")
+    slope, spread, dot = goal_pixel_scale(args.size, args.camera, range(1_000_000, 1_000_000 + args.test_episodes))
+    print(f"the goal in the frame: {np.round(np.abs(slope).max(axis=1), 3)} px per cm of goal x / goal y (largest image axis), "
+          f"its placements span {spread[0]:.0f} x {spread[1]:.0f} px, the dot covers at most {dot} px")
     for pool in args.variants.split(","):
         on_train, on_test, seconds = probe(pool, args.augment, train, held_out, args.steps, args.seed)
         print(f"conv encoder, pool {pool:16s} train {np.round(on_train, 2)}  held-out {np.round(on_test, 2)}  ({seconds:.0f} s)", flush=True)

@@ -47,6 +47,90 @@ class Worker:
         self.proc.wait(timeout=60)
 
 
+def timed(fn, n: int) -> list[float]:
+    """Seconds of each of `n` calls of `fn`."""
+    import time
+
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+class PolicyTimings:
+    """What every worker of ours times: `self.policies[variant]` answering `self.obs()` (batch 1)."""
+
+    def infer(self, variant, n):
+        policy = self.policies[variant]
+
+        def call():
+            policy.reset()
+            policy.select_action(self.obs())
+        return timed(call, n)
+
+    def queue(self, variant, n):
+        policy = self.policies[variant]
+        policy.reset()
+        policy.select_action(self.obs())
+        return timed(lambda: policy.select_action(self.obs()), n)
+
+    def peak(self):
+        return {"gflops": round(matmul_peak_gflops(self.torch), 1)}
+
+
+class LeRobotWorker:
+    """LeRobot's policy for one case of /work/shared/bench/peer_lerobot.py ("act_img", "diffusion_img"),
+    its batches and its training step (non-fused AdamW, clipping at 10, as lerobot_train.update_policy),
+    built and timed by peer_lerobot.py's own functions; run with the peer venv's interpreter."""
+
+    def __init__(self, case: str):
+        import torch
+
+        sys.path.insert(0, os.environ.get("PEER_BENCH", "/work/shared/bench"))
+        import peer_lerobot
+
+        torch.manual_seed(0)
+        self.P, self.torch, self.case = peer_lerobot, torch, case
+        self.policy, self.cfg, lr, wd, *_ = peer_lerobot.build_case(case)
+        self.optimizer = torch.optim.AdamW(self.policy.get_optim_params(), lr=lr, weight_decay=wd)
+
+    def train(self, variant, n, size=8):
+        policy, torch = self.policy, self.torch
+
+        def step():
+            batch = self.P.make_train_batch(self.cfg, size, True, self.case.split("_")[0])
+            policy.train()
+            loss, _ = policy.forward(batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+            loss.item()
+        return timed(step, n)
+
+    def infer(self, variant, n):
+        self.policy.eval()
+
+        def call():
+            self.policy.reset()
+            self.policy.select_action(self.P.make_obs(True))
+        return timed(call, n)
+
+    def queue(self, variant, n):
+        self.policy.eval()
+        self.policy.reset()
+        self.policy.select_action(self.P.make_obs(True))
+        return timed(lambda: self.policy.select_action(self.P.make_obs(True)), n)
+
+    def info(self):
+        import lerobot
+
+        return {"params": sum(p.numel() for p in self.policy.parameters()), "torch": self.torch.__version__,
+                "lerobot": getattr(lerobot, "__version__", "?")}
+
+
 def serve(worker) -> None:
     """The worker side: announce readiness, then answer `{"cmd": name, **kw}` lines with `worker.name(**kw)`."""
     print(json.dumps({"ready": True}), flush=True)
@@ -78,6 +162,20 @@ def matmul_peak_gflops(torch) -> float:
         a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * 2048**3 / best / 1e9
+
+
+def copy_bandwidth_gbs(torch, megabytes: int = 1024) -> float:
+    """Memory bandwidth now: bytes read plus written per second by the best of five copies of a 1 GB tensor."""
+    import time
+
+    source = torch.ones(megabytes * 2**20 // 4)
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.numel() * 4 / best / 1e9
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -196,3 +196,26 @@ def test_the_condition_steers_the_denoiser():
 def test_bad_options_are_refused_in_one_sentence(options, message):
     with pytest.raises(ValueError, match=message):
         DiffusionConfig(**options)
+
+
+@pytest.mark.slow
+def test_diffusion_learns_metaworld_push_from_state(tmp_path):
+    """30 scripted demos of Meta-World push (state), a CPU-sized U-Net (down_dims 64-128-256) predicting
+    the clean actions (`prediction_type: sample`, which learns this task within the budget; epsilon
+    prediction, seed 0: 0.10 of 20 rollouts after 1,000 steps, 0.7 of 10 after 3,000), 1,000 steps of
+    batch 64 at lr 1e-3, DDIM with 10 steps, 20 rollouts. Measured success (README, "Diffusion Policy"):
+    0.95, 0.85, 0.95 for seeds 0, 1, 2; the bound leaves ~2 binomial standard deviations below the lowest."""
+    from il_policies.envs import make_task_by_name
+    from il_policies.envs.demos import generate_demos
+    from il_policies.training import Workspace
+
+    path = tmp_path / "push.zarr"
+    generate_demos(make_task_by_name("metaworld_push"), path, 30)
+    cfg = make_cfg([
+        "policy=diffusion", "task=metaworld_push", f"task.dataset_path={path}", "policy.down_dims=[64,128,256]",
+        "policy.prediction_type=sample", "training.steps=1000", "training.lr=1e-3", "training.lr_warmup_steps=100",
+        "training.val_every=1000", "eval.n_episodes=20", "eval.n_videos=0", "training.num_threads=2",
+    ])
+    summary = Workspace(cfg, tmp_path / "run").run()
+    print(f"metaworld_push diffusion success rate {summary['eval/success_rate']:.2f}")
+    assert summary["eval/success_rate"] >= 0.65, summary
