@@ -15,8 +15,8 @@ from il_policies.training import NonFiniteLossError, Workspace
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
-    workspace = Workspace(cfg, HydraConfig.get().runtime.output_dir)
     try:
+        workspace = Workspace(cfg, HydraConfig.get().runtime.output_dir)
         summary = workspace.run()
     except (NonFiniteLossError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,7 +1,9 @@
 """Generate scripted-expert demonstrations: `python datasets/generate.py task=NAME n_episodes=50`.
 
 Writes `datasets/NAME.zarr` (or `output=PATH`). Only successful episodes are kept unless
-`keep_failures=true`; the same arguments always give the same store.
+`keep_failures=true`; the same arguments always give the same store. Rerunning an interrupted
+command continues its store; a store generated with other arguments is refused (`overwrite=true`
+replaces it).
 """
 
 import sys
@@ -13,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from il_policies.data.store import StoreError
 from il_policies.envs import task_from_config
 from il_policies.envs.demos import generate_demos
+from il_policies.training.validate import check_integers
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -23,6 +26,8 @@ def main(cfg: DictConfig) -> None:
     if task is None:
         sys.exit("error: generate.py needs a simulated task (e.g. task=metaworld_push), not task=dataset")
     try:
+        check_integers({"n_episodes": cfg.n_episodes, "n_envs": cfg.n_envs}, minimum=1)
+        check_integers({"seed_start": cfg.seed_start}, minimum=0)
         store = generate_demos(
             task, cfg.output, cfg.n_episodes, seed_start=cfg.seed_start, keep_failures=cfg.keep_failures,
             overwrite=cfg.overwrite, n_envs=cfg.n_envs,
@@ -30,8 +35,8 @@ def main(cfg: DictConfig) -> None:
         )
     except (StoreError, RuntimeError, ValueError) as error:
         sys.exit(f"error: {error}")
-    print(f"wrote {store.n_episodes} episodes ({store.n_steps} steps) to {store.path}; "
-          f"expert succeeded on {store.provenance['expert_successes']} of {store.provenance['seeds_tried']} seeds")
+    print(f"{store.path} holds {store.n_episodes} episodes ({store.n_steps} steps); the "
+          f"expert succeeded on {store.provenance['expert_successes']} of the {store.provenance['seeds_tried']} seeds it needed")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from il_policies import load_policy
 from il_policies.checkpoint import CheckpointError
 from il_policies.envs import make_task, task_from_config
 from il_policies.rollout import ExpertActor, PolicyActor, check_policy_matches_task, eval_seeds, run_rollouts
+from il_policies.training.validate import check_device, check_integers
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -27,6 +28,9 @@ def main(cfg: DictConfig) -> None:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     task = task_from_config(cfg.task) if cfg.get("task") else None
     try:
+        check_integers({"n_episodes": cfg.n_episodes, "n_envs": cfg.n_envs}, minimum=1)
+        check_integers({"n_videos": cfg.n_videos, "seed_start": cfg.seed_start}, minimum=0)
+        check_device(cfg.device)
         if cfg.get("policy") and cfg.policy.name == "expert":
             if task is None:
                 raise ValueError("policy=expert needs a simulated task, e.g. task=metaworld_push")

@@ -135,6 +135,25 @@ def test_action_queue_runs_network_every_n_action_steps(name, linear_store):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
+def test_actions_are_clipped_to_asymmetric_bounds(name, linear_store):
+    """Bounds like ALOHA's gripper or a dataset's observed range are not symmetric about zero: every
+    returned action lies in [low, high], and an action outside is moved to the nearer bound."""
+    dataset = SequenceDataset.from_store(linear_store, n_obs_steps=1, horizon=4)
+    policy = make_policy(make_cfg([*small_overrides(name), "policy.horizon=4", "policy.n_action_steps=1"]).policy,
+                         dataset.shape_meta).eval()
+    policy.normalizer.fit(dataset.fit_data(), action_key=dataset.action_key)
+    action_dim = dataset.shape_meta["action"]["shape"][0]
+    low = torch.linspace(0.2, 0.5, action_dim)  # an interval that excludes zero and is not [-high, high]
+    high = low + 0.1
+    raw = policy._predict_action_chunk({"state": torch.zeros(3, 1, 5)}, torch.Generator().manual_seed(0))[:, 0]
+    policy.set_action_bounds(low, high)
+    actions = policy.select_action({"state": torch.zeros(3, 5)}, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(actions, torch.minimum(torch.maximum(raw, low), high))
+    far = torch.stack([low - 10, high + 10, (low + high) / 2])
+    torch.testing.assert_close(policy._clip(far), torch.stack([low, high, (low + high) / 2]))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
 def test_temporal_ensembling_averages_every_chunks_prediction(name, linear_store):
     from il_policies.nn.temporal_ensemble import offline_temporal_ensemble
 

@@ -87,6 +87,18 @@ def test_bad_observations_are_rejected_with_a_message(image_checkpoint, obs, mes
         policy.select_action(obs)
 
 
+@pytest.mark.parametrize("keep", [0.5, 0.01])
+def test_a_truncated_checkpoint_is_one_sentence(chunked_checkpoint, tmp_path, keep):
+    from il_policies.checkpoint import CheckpointError
+
+    data = chunked_checkpoint.read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(data[: int(len(data) * keep)])  # a copy interrupted part-way
+    with pytest.raises(CheckpointError) as e:
+        load_policy(cut)
+    assert str(cut) in str(e.value) and "\n" not in str(e.value)
+
+
 def test_predict_action_chunk_for_callers_that_schedule_chunks(chunked_checkpoint):
     policy = load_policy(chunked_checkpoint)
     chunk = policy.predict_action_chunk({"state": np.ones(5)})

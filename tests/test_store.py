@@ -196,6 +196,8 @@ def _nan(ep):
 BAD_EPISODES = {
     "lengths": (_bad(lambda ep: ep.update(action=ep["action"][:5])), "action"),
     "shape": (_bad(lambda ep: ep.update(state=ep["state"][:, :38])), "state"),
+    "broadcastable_shape": (_bad(lambda ep: ep.update(action=ep["action"][:, :1])), "action"),  # (N, 1) for (4,)
+    "flat_action": (_bad(lambda ep: ep.update(action=ep["action"][:, 0])), "action"),
     "dtype": (_bad(lambda ep: ep.update(image=ep["image"].astype(np.int64))), "image"),
     "float_image": (_bad(lambda ep: ep.update(image=ep["image"].astype(np.float32))), "image"),
     "unknown": (_bad(lambda ep: ep.update(reward=np.zeros(6))), "reward"),
@@ -218,6 +220,27 @@ def test_bad_append_is_refused_and_changes_nothing(good, case):
     assert_one_sentence(e.value, path, f"'{key}'", "episode 3")
     assert s.n_episodes == 3 and raw_lengths(path) == before
     assert TrajectoryStore.open(path).n_steps == 57
+
+
+def test_append_episodes_is_one_commit_equal_to_single_appends(tmp_path, small_chunks):
+    rng = np.random.default_rng(5)
+    episodes = [make_episode(n, rng) for n in (3, 30, 7)]
+    one, many = (TrajectoryStore.create(tmp_path / f"{name}.zarr", KEYS, fps=10, task="t") for name in ("one", "many"))
+    for i, ep in enumerate(episodes):
+        one.append_episode(ep, seed=i)
+    many.append_episodes(episodes, seeds=[0, 1, 2], provenance={"batch": 1})
+    a, b = TrajectoryStore.open(tmp_path / "one.zarr"), TrajectoryStore.open(tmp_path / "many.zarr")
+    assert b.episode_lengths.tolist() == [3, 30, 7] and b.episode_seeds.tolist() == [0, 1, 2]
+    assert b.provenance == {"batch": 1}
+    for key, value in a.load().items():
+        np.testing.assert_array_equal(b.load()[key], value, err_msg=key)
+    bad = [make_episode(4, rng), {**make_episode(4, rng), "action": np.zeros((4, 3), np.float32)}]
+    with pytest.raises(StoreError) as e:
+        many.append_episodes(bad, seeds=[3, 4])
+    assert_one_sentence(e.value, tmp_path / "many.zarr", "'action'", "episode 4")
+    assert TrajectoryStore.open(tmp_path / "many.zarr").n_episodes == 3  # none of the batch was written
+    with pytest.raises(StoreError, match="2 seeds for the 1 episodes"):
+        many.append_episodes([make_episode(2, rng)], seeds=[5, 6])
 
 
 def test_seed_policy_and_read_only(good):
@@ -299,8 +322,8 @@ BAD_STORES = {
     "dtype_mismatch": (_replace_array("action", (57, 4), "float64"), ["'action'", "float64"]),
     "non_monotonic": (_set_ends([5, 3, 57]), ["episode_ends", "episode 1"]),
     "zero_length": (_set_ends([5, 5, 57]), ["episode_ends", "episode 1", "zero-length"]),
-    "end_past_arrays": (_set_ends([5, 45, 60]), ["'action'", "episode 2"]),
-    "end_before_arrays": (_set_ends([5, 45, 50]), ["'action'", "episode 2"]),
+    "end_past_arrays": (_set_ends([5, 45, 60]), ["episode_ends", "episode 2", "60"]),
+    "end_before_arrays": (_set_ends([5, 45, 50]), ["episode_ends", "episode 2", "50"]),
     "truncated": (_truncate("state", 30), ["'state'", "episode 1"]),
     "seeds_mismatch": (_truncate("../meta/episode_seeds", 2), ["episode_seeds", "episode 2"]),
     "corrupt_ends": (lambda p: (p / "meta/episode_ends/c/0").write_bytes(b"junk" * 9), ["episode_ends"]),

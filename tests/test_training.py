@@ -174,3 +174,76 @@ def test_training_compile_trains_to_the_eager_parameters(linear_store, tmp_path)
         params[compiled] = _params(workspace.policy)
     for key, value in params[False].items():
         torch.testing.assert_close(params[True][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_resume_continues_the_python_and_numpy_random_streams(linear_store, tmp_path, monkeypatch):
+    """User code (an augmentation, a sampler) may draw from `random` and `np.random` at every step: a
+    resumed run must draw exactly what the uninterrupted run drew at the same steps."""
+    import random
+
+    import numpy as np
+
+    overrides = [*BC_SMALL, f"task.dataset_path={linear_store}", "training.steps=12", "training.batch_size=16",
+                 "training.checkpoint_every=6", "training.val_every=6"]
+    original_step, draws, stop_at = Workspace._train_step, [], []
+
+    def drawing_step(self, batch):
+        if stop_at and self.step == stop_at[0]:
+            raise KeyboardInterrupt
+        draws.append((self.step, random.random(), float(np.random.random())))
+        return original_step(self, batch)
+
+    monkeypatch.setattr(Workspace, "_train_step", drawing_step)
+    Workspace(make_cfg(overrides), tmp_path / "straight").run()
+    straight, draws[:] = list(draws), []
+    stop_at.append(6)
+    with pytest.raises(KeyboardInterrupt):
+        Workspace(make_cfg(overrides), tmp_path / "interrupted").run()
+    stop_at.clear()
+    random.seed(12345), np.random.seed(12345)  # whatever the process did in between
+    Workspace(make_cfg(overrides), tmp_path / "interrupted").run()
+    assert [d[0] for d in draws] == list(range(12)) and len(straight) == 12
+    assert draws[6:] == straight[6:]
+
+
+@pytest.mark.parametrize("override,words", [
+    ("training.batch_size=0", "training.batch_size=0"),
+    ("training.steps=-5", "training.steps=-5"),
+    ("training.lr=-1e-3", "training.lr=-0.001"),
+    ("data.val_ratio=1.5", "data.val_ratio=1.5"),
+    ("eval.n_envs=0", "eval.n_envs=0"),
+    ("eval.n_episodes=-1", "eval.n_episodes=-1"),
+    ("training.num_threads=0", "training.num_threads=0"),
+    ("training.lr_scheduler=cosinus", "one of"),
+    ("training.betas=[0.9,1.5]", "training.betas"),
+    ("device=gpu", "device='gpu'"),
+    ("logger.mode=sometimes", "logger.mode"),
+    ("task.dataset_path=/nonexistent/demos.zarr", "does not exist"),
+])
+def test_bad_config_values_are_one_sentence_and_exit_1(linear_store, override, words, tmp_path):
+    from il_policies.training.validate import ConfigError
+
+    overrides = [*BC_SMALL, f"task.dataset_path={linear_store}", override]
+    with pytest.raises(ConfigError) as e:
+        Workspace(make_cfg(overrides), tmp_path)
+    message = str(e.value)
+    assert "\n" not in message and words in message and message.startswith("config value "), message
+
+
+def test_cuda_on_a_machine_without_a_gpu_names_what_torch_found(monkeypatch):
+    from il_policies.training.validate import ConfigError, check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"device='cuda' is invalid: torch .* finds no CUDA GPU") as e:
+        check_device("cuda")
+    assert "\n" not in str(e.value)
+    check_device("cpu"), check_device("auto")
+
+
+def test_train_py_refuses_a_bad_value_in_one_line(linear_store, tmp_path):
+    run = subprocess.run([sys.executable, "train.py", *BC_SMALL, "task=dataset", f"task.dataset_path={linear_store}",
+                          "training.batch_size=0", "logger.mode=disabled", f"hydra.run.dir={tmp_path}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines() == [
+        "error: config value training.batch_size=0 is invalid: it must be a positive integer."], run.stderr[-2000:]

@@ -23,12 +23,11 @@ import json
 import os
 import pathlib
 import re
-import shutil
 
 import h5py
 import numpy as np
 
-from il_policies.data.store import KeySpec, StoreError, TrajectoryStore
+from il_policies.data.store import KeySpec, StoreError, TrajectoryStore, built_aside, check_output_path
 
 __all__ = ["DEFAULT_FPS", "convert_robomimic", "sort_demos"]
 
@@ -143,16 +142,11 @@ def convert_robomimic(hdf5_path, out_path, *, obs_keys: list[str] | None = None,
         raise StoreError(f"trajectory store {out}: fps must be a positive number, got {fps!r}.")
     if not src.is_file():
         raise err("does not exist" if not src.exists() else "is not a file")
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise StoreError(f"trajectory store {out}: the path already exists (pass overwrite=True / --overwrite to replace it).")
-        if not (out.is_dir() and ((out / "zarr.json").is_file() or (out / ".zgroup").is_file())):
-            raise StoreError(f"trajectory store {out}: the path exists and is not a zarr group, so it will not be overwritten.")
+    check_output_path(out, overwrite)
     try:
         f = h5py.File(src, "r")
     except OSError as e:
         raise err(f"cannot be opened as HDF5 ({' '.join(str(e).split())[:150]})") from None
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     with f:
         env_args, filter_keys, demos = _read_meta(f, err)
         if filter_key is not None:
@@ -166,8 +160,7 @@ def convert_robomimic(hdf5_path, out_path, *, obs_keys: list[str] | None = None,
         task = (env_args or {}).get("env_name") or src.stem
         provenance = {"source": "robomimic", "file": str(src), "env_args": env_args,
                       "filter_keys": filter_keys, "filter_key": filter_key, "demos": demos}
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with built_aside(out, overwrite) as tmp:
             store = TrajectoryStore.create(tmp, schema, fps=fps, task=str(task), provenance=provenance)
             for demo in demos:
                 g = f["data"][demo]
@@ -183,11 +176,4 @@ def convert_robomimic(hdf5_path, out_path, *, obs_keys: list[str] | None = None,
                             raise err(f"demo {demo!r} key {key!r} holds NaN or inf (or overflows float32) at step {step}")
                     episode[name] = v
                 store.append_episode(episode)
-            if out.is_symlink():
-                out.unlink()
-            elif out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return TrajectoryStore.open(out, mode="r")

@@ -5,7 +5,15 @@ Layout (documented in datasets/README.md)::
     <store>/data/<key>           all episodes concatenated along axis 0, one array per key
     <store>/meta/episode_ends    int64, exclusive cumulative end step of each episode
     <store>/meta/episode_seeds   int64, optional, the seed each episode was generated with
-    root attrs["il_policies"]    {"format_version": 1, "keys": {...}, "fps", "task", "provenance"}
+    root attrs["il_policies"]    {"format_version": 1, "keys": {...}, "fps", "task", "provenance",
+                                  "committed_episodes", "committed_steps"}
+
+Crash safety: zarr writes every file atomically (a temporary file renamed over the old one), so a
+kill leaves each file either old or new. An append grows the data arrays, then the seeds and
+`episode_ends`, and only then rewrites the root attributes with the new episode and step counts:
+that one file write is the commit. Opening trusts only the committed episodes; rows and ends past them (an
+append cut short) are ignored and trimmed by the next append. `create` builds the empty store
+under a temporary name and renames it into place.
 
 diffusion_policy's zarr v2 stores (no schema attrs) are readable and appendable; their schema
 is inferred.  Every problem raises StoreError with one sentence naming the store path and,
@@ -18,62 +26,25 @@ import json
 import math
 import pathlib
 import shutil
-from dataclasses import dataclass
+import uuid
 from typing import Iterator
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-__all__ = ["FORMAT_VERSION", "KINDS", "KeySpec", "StoreError", "TrajectoryStore"]
+from il_policies.data.paths import built_aside, check_output_path, open_group
+from il_policies.data.schema import (FORMAT_VERSION, KINDS, KeySpec, StoreError, conform_episode, exc_text,
+                                    infer_schema, parse_schema)
 
-FORMAT_VERSION = 1
-KINDS = ("low_dim", "rgb", "action")
+__all__ = ["FORMAT_VERSION", "KINDS", "KeySpec", "StoreError", "TrajectoryStore", "built_aside"]
+
 ATTR = "il_policies"
 ENDS, SEEDS = "meta/episode_ends", "meta/episode_seeds"
 CHUNK_TARGET_BYTES = 2 << 20  # ~2 MB per chunk along axis 0
 MAX_LOW_DIM_CHUNK_ROWS = 4096
 META_CHUNK = 4096
 _WRITE_CFG = {"write_empty_chunks": True}  # every chunk exists on disk -> validate() can spot lost ones
-
-
-class StoreError(ValueError):
-    """A store is missing, malformed or corrupt, or was handed data that does not fit its schema."""
-
-
-@dataclass(frozen=True)
-class KeySpec:
-    shape: tuple[int, ...]  # per-step shape
-    dtype: str  # numpy dtype name, e.g. "float32", "uint8"
-    kind: str  # "low_dim" | "rgb" | "action"
-
-    def __post_init__(self):
-        try:
-            shape, dtype = tuple(int(s) for s in self.shape), np.dtype(self.dtype).name
-        except (TypeError, ValueError):
-            raise ValueError(f"invalid KeySpec shape={self.shape!r} dtype={self.dtype!r}") from None
-        object.__setattr__(self, "shape", shape)
-        object.__setattr__(self, "dtype", dtype)
-
-    def problem(self) -> str | None:
-        """Why this spec is unusable, or None."""
-        if self.kind not in KINDS:
-            return f"has kind {self.kind!r}, not one of {', '.join(KINDS)}"
-        if any(s < 1 for s in self.shape):
-            return f"has a non-positive dimension in its shape {list(self.shape)}"
-        if np.dtype(self.dtype).kind not in "biuf":
-            return f"has dtype {self.dtype}, but only bool, integer and float dtypes are supported"
-        if self.kind == "rgb" and (self.dtype != "uint8" or len(self.shape) != 3):
-            return f"is rgb but has dtype {self.dtype} and shape {list(self.shape)} instead of uint8 HWC"
-        return None
-
-    def to_json(self) -> dict:
-        return {"shape": list(self.shape), "dtype": self.dtype, "kind": self.kind}
-
-
-def _exc_text(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())[:200]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _chunk_rows(spec: KeySpec) -> int:
@@ -85,21 +56,6 @@ def _chunk_rows(spec: KeySpec) -> int:
 def _compressor(spec: KeySpec) -> BloscCodec:
     shuffle = "bitshuffle" if spec.kind == "rgb" else "shuffle"
     return BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)
-
-
-def _open_group(path: pathlib.Path, mode: str):
-    if not path.exists():
-        raise StoreError(f"trajectory store {path}: the path does not exist.")
-    if not path.is_dir():
-        raise StoreError(f"trajectory store {path}: the path is a file, so not a zarr group.")
-    try:
-        return zarr.open_group(str(path), mode=mode, use_consolidated=False)
-    except zarr.errors.ContainsArrayError:
-        raise StoreError(f"trajectory store {path}: the path is a zarr array, not a zarr group.") from None
-    except FileNotFoundError:  # GroupNotFoundError subclasses it
-        raise StoreError(f"trajectory store {path}: the path is not a zarr group.") from None
-    except Exception as e:
-        raise StoreError(f"trajectory store {path}: cannot open it as a zarr group ({_exc_text(e)}).") from None
 
 
 class TrajectoryStore:
@@ -141,15 +97,13 @@ class TrajectoryStore:
         try:
             provenance = json.loads(json.dumps(provenance if isinstance(provenance, dict) else set()))
         except (TypeError, ValueError) as e:
-            raise err(f"provenance must be a JSON-serialisable dict ({_exc_text(e)})") from None
-        if path.exists() or path.is_symlink():
-            if not overwrite:
-                raise err("the path already exists (pass overwrite=True to replace it)")
-            if not (path.is_dir() and ((path / "zarr.json").is_file() or (path / ".zgroup").is_file())):
-                raise err("the path exists and is not a zarr group, so it will not be overwritten")
-            shutil.rmtree(path)
+            raise err(f"provenance must be a JSON-serialisable dict ({exc_text(e)})") from None
+        check_output_path(path, overwrite)
+        for stale in path.parent.glob(f".{path.name}.creating-*"):  # left by a create that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        building = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:8]}"
         try:
-            group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+            group = zarr.open_group(str(building), mode="w-", zarr_format=3)
             data, meta = group.create_group("data"), group.create_group("meta")
             for name, spec in keys.items():
                 data.create_array(name, shape=(0, *spec.shape), dtype=spec.dtype,
@@ -159,18 +113,21 @@ class TrajectoryStore:
                               compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"))
             group.attrs[ATTR] = {"format_version": FORMAT_VERSION,
                                  "keys": {k: s.to_json() for k, s in keys.items()},
-                                 "fps": float(fps), "task": task, "provenance": provenance}
+                                 "fps": float(fps), "task": task, "provenance": provenance,
+                                 "committed_episodes": 0, "committed_steps": 0}
+            if path.exists():
+                shutil.rmtree(path)
+            building.rename(path)  # the store appears whole or not at all
         except Exception as e:
-            raise err(f"creating it failed ({_exc_text(e)})") from None
-        return cls(path, group, "a")
+            shutil.rmtree(building, ignore_errors=True)
+            raise err(f"creating it failed ({exc_text(e)})") from None
+        return cls.open(path, mode="a")
 
     def update_provenance(self, extra: dict) -> None:
         """Merge JSON-serialisable `extra` into the provenance attribute (append mode only)."""
         if self.mode != "a" or self.schema_inferred:
             raise self._err("cannot update the provenance of a store opened read-only or without a schema")
-        meta = dict(self._group.attrs[ATTR])
-        meta["provenance"] = self.provenance = {**self.provenance, **json.loads(json.dumps(extra))}
-        self._group.attrs[ATTR] = meta
+        self._write_root_meta(self.n_episodes, self.n_steps, extra)
 
     @classmethod
     def open(cls, path, mode: str = "r") -> "TrajectoryStore":
@@ -178,7 +135,7 @@ class TrajectoryStore:
         path = pathlib.Path(path)
         if mode not in ("r", "a"):
             raise StoreError(f"trajectory store {path}: mode must be 'r' or 'a', got {mode!r}.")
-        return cls(path, _open_group(path, "r" if mode == "r" else "r+"), mode)
+        return cls(path, open_group(path, "r" if mode == "r" else "r+"), mode)
 
     # ------------------------------------------------------------------ helpers
     def _err(self, msg: str) -> StoreError:
@@ -195,7 +152,7 @@ class TrajectoryStore:
         except KeyError:
             raise self._err(f"{what} is missing") from None
         except Exception as e:
-            raise self._err(f"{what} has unreadable metadata ({_exc_text(e)})") from None
+            raise self._err(f"{what} has unreadable metadata ({exc_text(e)})") from None
 
     def _read_meta(self, name: str) -> np.ndarray:
         arr = self._node(name, f"key {name!r}")
@@ -204,20 +161,26 @@ class TrajectoryStore:
         try:
             return np.asarray(arr[:], dtype=np.int64)
         except Exception as e:
-            raise self._err(f"key {name!r} cannot be decoded ({_exc_text(e)})") from None
+            raise self._err(f"key {name!r} cannot be decoded ({exc_text(e)})") from None
 
     # ------------------------------------------------------------------ structure (cheap checks)
     def _load_structure(self) -> None:
         try:
             attrs = self._group.attrs.asdict()
         except Exception as e:
-            raise self._err(f"the root attributes are unreadable ({_exc_text(e)})") from None
+            raise self._err(f"the root attributes are unreadable ({exc_text(e)})") from None
         data = self._node("data", "the 'data' group")
         if not isinstance(data, zarr.Group):
             raise self._err("'data' is not a group")
-        arrays = dict(data.arrays())
+        try:
+            arrays = dict(data.arrays())
+        except Exception as e:
+            raise self._err(f"an array in 'data' has unreadable metadata ({exc_text(e)})") from None
         self.schema_inferred = ATTR not in attrs  # True for diffusion_policy stores
-        self._infer_schema(arrays) if self.schema_inferred else self._parse_schema(attrs[ATTR])
+        if self.schema_inferred:
+            self.keys, self.fps, self.task, self.provenance = infer_schema(arrays, self._err), None, None, {}
+        else:
+            self.keys, self.fps, self.task, self.provenance = parse_schema(attrs[ATTR], ATTR, self._err)
         for name, spec in self.keys.items():
             if name not in arrays:
                 raise self._err(f"key {name!r} is in the schema but data/{name} is missing")
@@ -232,8 +195,10 @@ class TrajectoryStore:
         self.action_key = next(k for k, s in self.keys.items() if s.kind == "action")
         self.obs_keys = sorted(k for k in self.keys if k != self.action_key)
 
-        ends = self._read_meta(ENDS)
+        ends_written = self._read_meta(ENDS)
         self._ends_arr = self._group[ENDS].with_config(_WRITE_CFG)
+        committed = self._committed_count(attrs.get(ATTR), ends_written.size)
+        ends = ends_written[:committed]
         steps = np.diff(ends, prepend=0)
         if (bad := np.flatnonzero(steps <= 0)).size:
             i = int(bad[0])
@@ -241,59 +206,48 @@ class TrajectoryStore:
             raise self._err(f"key {ENDS!r} says episode {i} {why} (end {int(ends[i])})")
         self.episode_ends = ends
         total = int(ends[-1]) if ends.size else 0
+        if self._committed_steps is not None and self._committed_steps != total:
+            raise self._err(f"key {ENDS!r} says episode {committed - 1} ends at step {total} but the last commit "
+                            f"recorded {self._committed_steps} steps")
+        uncommitted = ends_written.size > committed
         for name, a in sorted(arrays.items()):
             n = int(a.shape[0])
             if n < total:
                 i = int(np.searchsorted(ends, n, side="right"))
                 raise self._err(f"key {name!r} has {n} steps, too few to hold episode {i} which ends at step {int(ends[i])}")
-            if n > total:
+            if n > total and not self._has_commit_counter:
                 last = f"the last episode (episode {ends.size - 1}) ends at step {total}" if ends.size else "there are no episodes"
                 raise self._err(f"key {name!r} has {n} steps but {last} (extra or uncommitted rows)")
+            uncommitted |= n > total
         self._seeds_arr = None
         seeds = np.zeros(0, np.int64)
         if "episode_seeds" in self._node("meta", "the 'meta' group"):
             seeds = self._read_meta(SEEDS)
             self._seeds_arr = self._group[SEEDS].with_config(_WRITE_CFG)
+            uncommitted |= seeds.size > committed
+            if self._has_commit_counter and seeds.size >= committed:
+                seeds = seeds[:committed]
             if seeds.size not in (0, ends.size):
                 raise self._err(f"key {SEEDS!r} has {seeds.size} seeds for {ends.size} episodes, so episode "
                                 f"{min(seeds.size, ends.size)} has no matching seed")
         self._seeds = seeds
+        self.has_uncommitted_tail = bool(uncommitted)  # an append was cut short; the next one trims it
 
-    def _parse_schema(self, meta) -> None:
-        if not isinstance(meta, dict) or not isinstance(meta.get("keys"), dict):
-            raise self._err(f"the '{ATTR}' root attribute has no 'keys' mapping")
-        version = meta.get("format_version")
-        if version != FORMAT_VERSION:
-            raise self._err(f"the schema has format_version {version!r}, this code reads version {FORMAT_VERSION}")
-        keys = {}
-        for name, d in meta["keys"].items():
-            try:
-                keys[name] = KeySpec(shape=tuple(d["shape"]), dtype=d["dtype"], kind=d["kind"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise self._err(f"key {name!r} has a malformed schema entry ({_exc_text(e)})") from None
-            if (why := keys[name].problem()) is not None:
-                raise self._err(f"key {name!r} {why}")
-        if sum(s.kind == "action" for s in keys.values()) != 1:
-            raise self._err("the schema does not have exactly one key of kind 'action'")
-        self.keys = keys
-        fps = meta.get("fps")
-        self.fps = None if fps is None else float(fps)
-        self.task = meta.get("task")
-        self.provenance = dict(meta.get("provenance") or {})
-
-    def _infer_schema(self, arrays: dict) -> None:
-        """diffusion_policy stores: 'action' is the action, (N,H,W,3) uint8 is rgb, the rest low_dim."""
-        if "action" not in arrays:
-            raise self._err("key 'action' is missing, so the schema of this attribute-less store cannot be inferred")
-        keys = {}
-        for name, a in arrays.items():
-            dt = np.dtype(a.dtype)
-            kind = ("action" if name == "action" else
-                    "rgb" if dt == np.uint8 and a.ndim == 4 and a.shape[-1] == 3 else "low_dim")
-            keys[name] = KeySpec(shape=tuple(a.shape[1:]), dtype=dt.name, kind=kind)
-            if (why := keys[name].problem()) is not None:
-                raise self._err(f"key {name!r} {why}")
-        self.keys, self.fps, self.task, self.provenance = keys, None, None, {}
+    def _committed_count(self, meta, n_ends: int) -> int:
+        """How many episodes the last commit made visible: the root attribute, or (stores written
+        before it existed, diffusion_policy's) every entry of episode_ends."""
+        self._has_commit_counter = isinstance(meta, dict) and "committed_episodes" in meta
+        self._committed_steps = None
+        if not self._has_commit_counter:
+            return n_ends
+        n, steps = meta["committed_episodes"], meta.get("committed_steps", -1)
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= n_ends:
+            raise self._err(f"the root attribute says {n!r} episodes are committed but key {ENDS!r} "
+                            f"holds {n_ends} episode ends")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise self._err(f"the root attribute records {steps!r} committed steps instead of a count")
+        self._committed_steps = steps
+        return n
 
     # ------------------------------------------------------------------ properties
     @property
@@ -327,7 +281,7 @@ class TrajectoryStore:
                     exc, lo, hi = e2, max(a, lo), min(a + c, hi)
                     break
             raise self._err(f"key {key!r} has a corrupt chunk at steps {lo}-{hi - 1} "
-                            f"({self._episodes_of(lo, hi)}): {_exc_text(exc)}") from None
+                            f"({self._episodes_of(lo, hi)}): {exc_text(exc)}") from None
         if out.dtype.kind == "f" and not np.isfinite(out).all():
             row = lo + int(np.flatnonzero(~np.isfinite(out.reshape(len(out), -1)).all(axis=1))[0])
             raise self._err(f"key {key!r} holds NaN or inf at step {row} ({self._episodes_of(row, row + 1)})")
@@ -362,7 +316,7 @@ class TrajectoryStore:
 
     def validate(self) -> None:
         """Full check: re-read the structure, decode every chunk, find lost chunks and NaN/inf."""
-        self._group = _open_group(self.path, "r" if self.mode == "r" else "r+")
+        self._group = open_group(self.path, "r" if self.mode == "r" else "r+")
         self._load_structure()
         for key in self.keys:
             arr = self._arrays[key]
@@ -379,53 +333,41 @@ class TrajectoryStore:
                 pass
 
     # ------------------------------------------------------------------ writing
-    def append_episode(self, episode: dict[str, np.ndarray], seed: int | None = None) -> None:
-        """Check one episode against the schema and append it; on any failure the store is unchanged."""
-        idx = self.n_episodes
-        ep = f"episode {idx} (being appended)"
-        if self.mode != "a":
-            raise self._err(f"cannot append {ep} because the store was opened read-only (mode 'r')")
-        if not isinstance(episode, dict):
-            raise self._err(f"{ep} is a {type(episode).__name__}, not a dict of arrays")
-        if missing := sorted(set(self.keys) - set(episode)):
-            raise self._err(f"key {missing[0]!r} is missing from {ep}")
-        if unknown := sorted(map(str, set(episode) - set(self.keys))):
-            raise self._err(f"key {unknown[0]!r} of {ep} is not in the schema")
-        rows, length = {}, None
-        for k, spec in self.keys.items():
-            try:
-                v = np.asarray(episode[k])
-            except Exception as e:
-                raise self._err(f"key {k!r} of {ep} is not array-like ({_exc_text(e)})") from None
-            if v.ndim < 1 or tuple(v.shape[1:]) != spec.shape:
-                raise self._err(f"key {k!r} of {ep} has per-step shape {list(v.shape[1:])} "
-                                f"(array shape {list(v.shape)}) but the schema says {list(spec.shape)}")
-            target = np.dtype(spec.dtype)
-            ok = v.dtype == target or (target.kind == "f" and v.dtype.kind in "fiu")
-            if not ok:
-                raise self._err(f"key {k!r} of {ep} has dtype {v.dtype.name} but the schema says {spec.dtype}")
-            with np.errstate(over="ignore", invalid="ignore"):
-                v = np.ascontiguousarray(v, dtype=target)
-            if target.kind == "f" and not np.isfinite(v).all():
-                step = int(np.flatnonzero(~np.isfinite(v.reshape(len(v), -1)).all(axis=1))[0])
-                raise self._err(f"key {k!r} of {ep} holds NaN or inf (or overflows {spec.dtype}) at step {step}")
-            if length is None:
-                length = len(v)
-            elif len(v) != length:
-                raise self._err(f"key {k!r} of {ep} has {len(v)} steps but key {next(iter(rows))!r} has {length}")
-            rows[k] = v
-        if not length:
-            raise self._err(f"key {next(iter(rows))!r} of {ep} has zero steps, episodes need at least one")
-        n_seeds = self._seeds.size
-        if seed is not None:
-            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -2**63 <= seed < 2**63:
-                raise self._err(f"key {SEEDS!r} cannot record seed {seed!r} of {ep}, seeds are int64")
-            if n_seeds != idx:
-                raise self._err(f"key {SEEDS!r} cannot record a seed for {ep} because earlier episodes have none")
-        elif n_seeds:
-            raise self._err(f"key {SEEDS!r} needs a seed for {ep} because earlier episodes have seeds")
+    def append_episode(self, episode: dict[str, np.ndarray], seed: int | None = None,
+                       provenance: dict | None = None) -> None:
+        """Check one episode against the schema and append it; on any failure the store is unchanged.
+        `provenance` (optional) is merged into the provenance attribute by the same commit, so
+        progress recorded there always matches the episodes that are visible."""
+        self.append_episodes([episode], None if seed is None else [seed], provenance)
 
-        start, end = self.n_steps, self.n_steps + length
+    def append_episodes(self, episodes: list[dict[str, np.ndarray]], seeds: list[int] | None = None,
+                        provenance: dict | None = None) -> None:
+        """`append_episode` for several episodes in one commit: one write per array instead of one
+        per episode (converters of many short episodes); all of them become visible, or none."""
+        idx, k = self.n_episodes, len(episodes)
+        label = f"episode {idx} (being appended)"
+        if self.mode != "a":
+            raise self._err(f"cannot append {label} because the store was opened read-only (mode 'r')")
+        if seeds is not None and len(seeds) != k:
+            raise self._err(f"key {SEEDS!r} got {len(seeds)} seeds for the {k} episodes from {label} on")
+        conformed = [conform_episode(self.keys, ep, f"episode {idx + j} (being appended)", self._err)
+                     for j, ep in enumerate(episodes)]
+        if not conformed:
+            return
+        for j, seed in enumerate(seeds or []):
+            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -2**63 <= seed < 2**63:
+                raise self._err(f"key {SEEDS!r} cannot record seed {seed!r} of episode {idx + j} (being appended), seeds are int64")
+        if seeds is not None and self._seeds.size != idx:
+            raise self._err(f"key {SEEDS!r} cannot record a seed for {label} because earlier episodes have none")
+        if seeds is None and self._seeds.size:
+            raise self._err(f"key {SEEDS!r} needs a seed for {label} because earlier episodes have seeds")
+        if provenance is not None and self.schema_inferred:
+            raise self._err(f"cannot record provenance with {label} in a store without a schema")
+        if self.has_uncommitted_tail:
+            self._trim_uncommitted()
+
+        start = self.n_steps
+        ends = start + np.cumsum([length for _, length in conformed], dtype=np.int64)
         touched = []  # (array, old shape), rolled back on failure
 
         def grow(arr, new_len, lo, value):
@@ -434,14 +376,16 @@ class TrajectoryStore:
             arr[lo:new_len] = value
 
         try:
-            for k, v in rows.items():
-                grow(self._arrays[k], end, start, v)
-            if seed is not None:
+            for key in self.keys:
+                grow(self._arrays[key], int(ends[-1]), start, np.concatenate([rows[key] for rows, _ in conformed]))
+            if seeds is not None:
                 if self._seeds_arr is None:
                     self._seeds_arr = self._group.require_group("meta").create_array(
                         "episode_seeds", shape=(0,), dtype="int64", chunks=(META_CHUNK,)).with_config(_WRITE_CFG)
-                grow(self._seeds_arr, idx + 1, idx, np.int64(seed))
-            grow(self._ends_arr, idx + 1, idx, np.int64(end))  # the commit point
+                grow(self._seeds_arr, idx + k, idx, np.asarray(seeds, dtype=np.int64))
+            grow(self._ends_arr, idx + k, idx, ends)  # the commit point of attribute-less stores
+            if not self.schema_inferred:
+                self._write_root_meta(idx + k, int(ends[-1]), provenance)  # the commit
         except BaseException as e:
             rolled_back = True
             for arr, shape in reversed(touched):
@@ -452,7 +396,30 @@ class TrajectoryStore:
             if not isinstance(e, Exception):
                 raise
             state = "the store was rolled back" if rolled_back else "rolling back failed too, run validate()"
-            raise self._err(f"writing {ep} failed and {state} ({_exc_text(e)})") from None
-        self.episode_ends = np.append(self.episode_ends, np.int64(end))
-        if seed is not None:
-            self._seeds = np.append(self._seeds, np.int64(seed))
+            raise self._err(f"writing {label} failed and {state} ({exc_text(e)})") from None
+        self.episode_ends = np.append(self.episode_ends, ends)
+        if seeds is not None:
+            self._seeds = np.append(self._seeds, np.asarray(seeds, dtype=np.int64))
+
+    def _write_root_meta(self, committed: int, steps: int, provenance: dict | None = None) -> None:
+        """Rewrite the root attributes (one atomic file write): the commit record, and provenance."""
+        meta = dict(self._group.attrs[ATTR])
+        if provenance is not None:
+            meta["provenance"] = {**self.provenance, **json.loads(json.dumps(provenance))}
+        meta["committed_episodes"], meta["committed_steps"] = int(committed), int(steps)
+        self._group.attrs[ATTR] = meta
+        self.provenance = dict(meta["provenance"] or {})
+        self._has_commit_counter = True
+
+    def _trim_uncommitted(self) -> None:
+        """Drop what an append cut short left past the committed episodes, and zarr's temporary files."""
+        for arr in self._arrays.values():
+            if arr.shape[0] != self.n_steps:
+                arr.resize((self.n_steps, *arr.shape[1:]))
+        if self._ends_arr.shape[0] != self.n_episodes:
+            self._ends_arr.resize((self.n_episodes,))
+        if self._seeds_arr is not None and self._seeds_arr.shape[0] != self._seeds.size:
+            self._seeds_arr.resize((self._seeds.size,))
+        for partial in self.path.rglob("*.partial"):
+            partial.unlink(missing_ok=True)
+        self.has_uncommitted_tail = False

@@ -28,12 +28,13 @@ from il_policies.checkpoint import read_checkpoint, save_checkpoint
 from il_policies.data.dataset import SequenceDataset, collate_batch, prepare_batch
 from il_policies.data.store import TrajectoryStore
 from il_policies.envs import task_from_config
-from il_policies.envs.demos import check_store_matches_task, generate_demos
+from il_policies.envs.demos import check_generation_complete, check_store_matches_task, ensure_demos
 from il_policies.policies import make_policy
 from il_policies.policies.registry import config_to_dict, make_config
 from il_policies.training.config import resolved_training_preset
 from il_policies.training.distributed import DistributedContext, GlobalBatchOrder
 from il_policies.training.logger import RunLogger
+from il_policies.training.validate import check_train_config
 
 
 class NonFiniteLossError(RuntimeError):
@@ -75,6 +76,7 @@ class Workspace:
         self.on_round = on_round
         self.output_dir = Path(output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
+        check_train_config(cfg)
         self.ctx = DistributedContext.from_env()
         self.device = resolve_device(cfg.device, self.ctx)
         self.step = 0
@@ -91,6 +93,8 @@ class Workspace:
         self.task = task_from_config(cfg.task)
         if self.task is not None:
             self._ensure_dataset(Path(cfg.task.dataset_path))
+        else:
+            check_generation_complete(TrajectoryStore.open(cfg.task.dataset_path))
         self.dataset = SequenceDataset.from_store(
             cfg.task.dataset_path,
             n_obs_steps=window.n_obs_steps,
@@ -153,12 +157,10 @@ class Workspace:
             self.model = torch.compile(self.model)
 
     def _ensure_dataset(self, path: Path) -> None:
-        """Generate the task's demonstrations when its dataset is missing; refuse a mismatched one."""
-        if not path.exists() and self.ctx.is_main:
-            n_demos = int(self.cfg.task.n_demos)
-            tqdm.write(f"dataset {path} not found: generating {n_demos} demonstrations of {self.task.name} with the scripted expert")
+        """Generate the task's demonstrations when missing or incomplete; refuse a mismatched dataset."""
+        if self.ctx.is_main:
             env_options = OmegaConf.to_container(self.cfg.task.env_options, resolve=True) if "env_options" in self.cfg.task else {}
-            generate_demos(self.task, path, n_demos, task_options=env_options)
+            ensure_demos(self.task, path, int(self.cfg.task.n_demos), task_options=env_options)
         self.ctx.barrier()
         check_store_matches_task(TrajectoryStore.open(path), self.task)
 

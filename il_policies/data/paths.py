@@ -1,0 +1,61 @@
+"""Where a trajectory store lives on disk: opening one as a zarr group, and writing a whole store
+aside and renaming it into place, so that an output path holds a complete store or nothing new."""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import shutil
+import uuid
+from typing import Iterator
+
+import zarr
+
+from il_policies.data.schema import StoreError, exc_text
+
+__all__ = ["built_aside", "check_output_path", "open_group"]
+
+
+def check_output_path(out: pathlib.Path, overwrite: bool) -> None:
+    """Refuse an existing output unless `overwrite`, and never overwrite something that is not a store."""
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise StoreError(f"trajectory store {out}: the path already exists (pass overwrite=True / --overwrite to replace it).")
+        if not (out.is_dir() and ((out / "zarr.json").is_file() or (out / ".zgroup").is_file())):
+            raise StoreError(f"trajectory store {out}: the path exists and is not a zarr group, so it will not be overwritten.")
+
+
+@contextlib.contextmanager
+def built_aside(out, overwrite: bool = False) -> Iterator[pathlib.Path]:
+    """For converters: yield a temporary path next to `out` to write a whole store to; when the body
+    finishes, move it into place (replacing `out` if `overwrite`). A failure or a kill leaves `out`
+    as it was; what a killed conversion left aside is removed by the next one."""
+    out = pathlib.Path(out)
+    check_output_path(out, overwrite)
+    for stale in out.parent.glob(f".{out.name}.building-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.building-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        if out.is_symlink():
+            out.unlink()
+        elif out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def open_group(path: pathlib.Path, mode: str):
+    if not path.exists():
+        raise StoreError(f"trajectory store {path}: the path does not exist.")
+    if not path.is_dir():
+        raise StoreError(f"trajectory store {path}: the path is a file, so not a zarr group.")
+    try:
+        return zarr.open_group(str(path), mode=mode, use_consolidated=False)
+    except zarr.errors.ContainsArrayError:
+        raise StoreError(f"trajectory store {path}: the path is a zarr array, not a zarr group.") from None
+    except FileNotFoundError:  # GroupNotFoundError subclasses it
+        raise StoreError(f"trajectory store {path}: the path is not a zarr group.") from None
+    except Exception as e:
+        raise StoreError(f"trajectory store {path}: cannot open it as a zarr group ({exc_text(e)}).") from None
