@@ -3,13 +3,15 @@ against a schema before it is written (il_policies/data/store.py does the writin
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-__all__ = ["FORMAT_VERSION", "KINDS", "KeySpec", "StoreError", "conform_episode", "exc_text", "infer_schema",
-           "parse_schema"]
+__all__ = ["FORMAT_VERSION", "KINDS", "KeySpec", "StoreError", "check_new_schema", "conform_episode", "exc_text",
+           "infer_schema", "parse_schema"]
 
 FORMAT_VERSION = 1
 KINDS = ("low_dim", "rgb", "action")
@@ -131,3 +133,28 @@ def infer_schema(arrays: dict, err: Callable[[str], StoreError]) -> dict[str, Ke
         if (why := keys[name].problem()) is not None:
             raise err(f"key {name!r} {why}")
     return keys
+
+
+def check_new_schema(keys, fps, task, provenance, err: Callable[[str], StoreError]) -> dict:
+    """What `TrajectoryStore.create` is given, checked; returns the provenance as plain JSON."""
+    if not isinstance(keys, dict) or not keys:
+        raise err("the schema needs at least one key")
+    for name, spec in keys.items():
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+            raise err(f"key {name!r} is not a flat name (non-empty, no '/', no leading '.')")
+        if not isinstance(spec, KeySpec):
+            raise err(f"key {name!r} has a {type(spec).__name__} spec instead of a KeySpec")
+        if (why := spec.problem()) is not None:
+            raise err(f"key {name!r} {why}")
+    actions = [k for k, s in keys.items() if s.kind == "action"]
+    if len(actions) != 1:
+        raise err(f"the schema needs exactly one key of kind 'action', got {actions}")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+        raise err(f"fps must be a positive number, got {fps!r}")
+    if not isinstance(task, str) or not task:
+        raise err(f"task must be a non-empty string, got {task!r}")
+    provenance = {} if provenance is None else provenance
+    try:
+        return json.loads(json.dumps(provenance if isinstance(provenance, dict) else set()))
+    except (TypeError, ValueError) as e:
+        raise err(f"provenance must be a JSON-serialisable dict ({exc_text(e)})") from None

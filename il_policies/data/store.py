@@ -34,8 +34,8 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from il_policies.data.paths import built_aside, check_output_path, open_group
-from il_policies.data.schema import (FORMAT_VERSION, KINDS, KeySpec, StoreError, conform_episode, exc_text,
-                                    infer_schema, parse_schema)
+from il_policies.data.schema import (FORMAT_VERSION, KINDS, KeySpec, StoreError, check_new_schema, conform_episode,
+                                    exc_text, infer_schema, parse_schema)
 
 __all__ = ["FORMAT_VERSION", "KINDS", "KeySpec", "StoreError", "TrajectoryStore", "built_aside"]
 
@@ -77,27 +77,7 @@ class TrajectoryStore:
         def err(msg):
             return StoreError(f"trajectory store {path}: {msg}.")
 
-        if not isinstance(keys, dict) or not keys:
-            raise err("the schema needs at least one key")
-        for name, spec in keys.items():
-            if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-                raise err(f"key {name!r} is not a flat name (non-empty, no '/', no leading '.')")
-            if not isinstance(spec, KeySpec):
-                raise err(f"key {name!r} has a {type(spec).__name__} spec instead of a KeySpec")
-            if (why := spec.problem()) is not None:
-                raise err(f"key {name!r} {why}")
-        actions = [k for k, s in keys.items() if s.kind == "action"]
-        if len(actions) != 1:
-            raise err(f"the schema needs exactly one key of kind 'action', got {actions}")
-        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
-            raise err(f"fps must be a positive number, got {fps!r}")
-        if not isinstance(task, str) or not task:
-            raise err(f"task must be a non-empty string, got {task!r}")
-        provenance = {} if provenance is None else provenance
-        try:
-            provenance = json.loads(json.dumps(provenance if isinstance(provenance, dict) else set()))
-        except (TypeError, ValueError) as e:
-            raise err(f"provenance must be a JSON-serialisable dict ({exc_text(e)})") from None
+        provenance = check_new_schema(keys, fps, task, provenance, err)
         check_output_path(path, overwrite)
         for stale in path.parent.glob(f".{path.name}.creating-*"):  # left by a create that was killed
             shutil.rmtree(stale, ignore_errors=True)
