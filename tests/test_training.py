@@ -247,3 +247,32 @@ def test_train_py_refuses_a_bad_value_in_one_line(linear_store, tmp_path):
     assert run.returncode == 1, run.stderr[-2000:]
     assert run.stderr.strip().splitlines() == [
         "error: config value training.batch_size=0 is invalid: it must be a positive integer."], run.stderr[-2000:]
+
+
+def test_metrics_jsonl_keeps_every_logged_step_and_the_wall_time_across_a_resume(linear_store, tmp_path, monkeypatch):
+    import json
+
+    from il_policies.benchmark.plan import read_curves
+
+    overrides = [*BC_SMALL, f"task.dataset_path={linear_store}", "training.steps=20", "training.batch_size=8",
+                 "training.log_every=5", "training.val_every=10", "training.checkpoint_every=10"]
+    original_step = Workspace._train_step
+
+    def stop_at_15(self, batch):
+        if self.step == 15:
+            raise KeyboardInterrupt
+        return original_step(self, batch)
+
+    monkeypatch.setattr(Workspace, "_train_step", stop_at_15)
+    with pytest.raises(KeyboardInterrupt):
+        Workspace(make_cfg(overrides), tmp_path).run()
+    monkeypatch.setattr(Workspace, "_train_step", original_step)
+    before = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    checkpoint_elapsed = read_checkpoint(tmp_path / "checkpoints/latest.pt")["train_state"]["elapsed_s"]
+    summary = Workspace(make_cfg(overrides), tmp_path).run()
+    curves = read_curves(tmp_path / "metrics.jsonl")
+    assert [row["step"] for row in before] == [5, 10, 10, 15]  # step 10: the training row, then validation's
+    assert [row["step"] for row in curves] == [5, 10, 15, 20]  # the rows of one step merged
+    assert "val/loss" in curves[1] and "train/loss" in curves[1] and curves[-1]["val/loss"] == summary["val/loss"]
+    elapsed = [row["elapsed_s"] for row in curves]
+    assert elapsed == sorted(elapsed) and curves[3]["elapsed_s"] >= checkpoint_elapsed >= curves[2]["elapsed_s"] > 0

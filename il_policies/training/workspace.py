@@ -213,6 +213,7 @@ class Workspace:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 },
                 "logger_run_id": self.logger.run_id,
+                "elapsed_s": self.logger.elapsed_s,
             },
         }
         return save_checkpoint(self.checkpoint_dir / f"{name}.pt", payload)
@@ -237,6 +238,8 @@ class Workspace:
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
         self.step = int(payload["step"])
         self.resumed_run_id = state.get("logger_run_id")
+        self.logger.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.resumed_metrics = dict(payload["metrics"])  # the summary of a run resumed at its last step
         return True
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -307,7 +310,7 @@ class Workspace:
         cfg = self.cfg
         total = cfg.training.steps
         eval_every = cfg.eval.every if self.task is not None else 0
-        summary: dict[str, Any] = {}
+        summary: dict[str, Any] = dict(getattr(self, "resumed_metrics", {}))
         progress = tqdm(total=total, initial=self.step, disable=not self.ctx.is_main, desc=f"train {self.policy.name}")
         batches = self._batches()
         try:
