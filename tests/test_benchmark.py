@@ -32,6 +32,21 @@ def test_the_grid_is_every_combination_in_a_fixed_order():
     assert len({c.name for c in cells}) == 24
 
 
+def test_a_labelled_variant_runs_its_policy_config_with_its_overrides(tmp_path):
+    from il_policies.benchmark.plan import train_command
+
+    grid = bench(tasks=["metaworld_reach"], seeds=[0], train_episodes=[8], policies={
+        "bvae": [], "bvae_without_obs_recon": {"policy": "bvae", "overrides": ["policy.loss_weights.obs_recon=0"]}})
+    plain, variant = plan_cells(grid)
+    assert (variant.policy, variant.policy_config, variant.policy_overrides) == (
+        "bvae_without_obs_recon", "bvae", ("policy.loss_weights.obs_recon=0",))
+    command = train_command(grid, variant, tmp_path)
+    assert "policy=bvae" in command and command[-1] == "policy.loss_weights.obs_recon=0"
+    assert "data.max_train_episodes=8" in command and variant.directory(tmp_path) != plain.directory(tmp_path)
+    with pytest.raises(BenchmarkError, match="policies.x="):
+        plan_cells(bench(policies={"x": {"policy": "no_such_policy", "overrides": []}}))
+
+
 @pytest.mark.parametrize("changes,words", [
     ({"tasks": ["metaworld_nothing"]}, "tasks='metaworld_nothing'"),
     ({"seeds": []}, "seeds=[]"),

@@ -12,7 +12,7 @@ import torch
 from il_policies import load_policy
 from il_policies.checkpoint import read_checkpoint
 from il_policies.training import NonFiniteLossError, Workspace
-from il_policies.training.workspace import clip_grad_norm
+from il_policies.training.state import clip_grad_norm
 from il_policies.training.distributed import DistributedContext, GlobalBatchOrder
 from tests.conftest import REPO, make_cfg
 from tests.test_policies import small_overrides
@@ -276,3 +276,18 @@ def test_metrics_jsonl_keeps_every_logged_step_and_the_wall_time_across_a_resume
     assert "val/loss" in curves[1] and "train/loss" in curves[1] and curves[-1]["val/loss"] == summary["val/loss"]
     elapsed = [row["elapsed_s"] for row in curves]
     assert elapsed == sorted(elapsed) and curves[3]["elapsed_s"] >= checkpoint_elapsed >= curves[2]["elapsed_s"] > 0
+
+
+def test_loss_terms_are_measured_on_both_splits_at_the_end_without_touching_the_rng(linear_store, tmp_path):
+    overrides = [*BC_SMALL, f"task.dataset_path={linear_store}", "training.steps=10", "training.batch_size=8",
+                 "data.val_ratio=0.34"]
+    plain = Workspace(make_cfg(overrides), tmp_path / "plain")
+    plain_summary = plain.run()
+    measured = Workspace(make_cfg([*overrides, "eval.loss_terms=true"]), tmp_path / "measured")
+    summary = measured.run()
+    assert {"terms/train/action_mse", "terms/val/action_mse", "terms/train/action_supervised"} <= set(summary)
+    assert summary["terms/val/action_mse"] == pytest.approx(summary["val/action_mse"], rel=1e-6)  # the same split and weights
+    assert summary["terms/train/action_mse"] != summary["terms/val/action_mse"]
+    assert summary["val/loss"] == plain_summary["val/loss"] and "terms/train/loss" not in plain_summary
+    for key, value in _params(plain.policy).items():  # measuring changed nothing the run computes
+        torch.testing.assert_close(_params(measured.policy)[key], value, rtol=0, atol=0, msg=key)

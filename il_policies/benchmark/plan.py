@@ -32,10 +32,11 @@ class BenchmarkError(ValueError):
 class Cell:
     index: int
     task: str
-    policy: str
+    policy: str  # the grid's label: a policy config name, or a variant's name
     policy_overrides: tuple[str, ...]
     seed: int
     train_episodes: int | None  # None: every training episode of the dataset
+    policy_config: str = ""  # conf/policy/NAME (the label when empty)
 
     @property
     def name(self) -> str:
@@ -61,9 +62,13 @@ def plan_cells(bench: DictConfig) -> list[Cell]:
     _check(bool(tasks) and all(isinstance(t, str) for t in tasks), "tasks", tasks, "a non-empty list of task config names")
     _check(isinstance(policies, dict) and bool(policies), "policies", policies,
            "a non-empty mapping of policy config name -> list of overrides")
-    for name, overrides in policies.items():
-        _check(isinstance(overrides, list) and all(isinstance(o, str) for o in overrides), f"policies.{name}", overrides,
-               "a list of override strings")
+    variants = {}  # label -> (policy config, overrides)
+    for label, entry in policies.items():
+        config, overrides = (entry.get("policy"), entry.get("overrides", [])) if isinstance(entry, dict) else (label, entry)
+        _check(isinstance(overrides, list) and all(isinstance(o, str) for o in overrides), f"policies.{label}", entry,
+               "a list of override strings, or {policy: NAME, overrides: [...]}")
+        _check(config in known_policies(), f"policies.{label}", entry, f"a policy config of conf/policy ({', '.join(known_policies())})")
+        variants[label] = (config, tuple(overrides))
     _check(bool(seeds) and all(isinstance(s, int) and s >= 0 for s in seeds), "seeds", seeds, "a non-empty list of integers >= 0")
     _check(bool(episodes) and all(e is None or (isinstance(e, int) and e >= 1) for e in episodes), "train_episodes",
            episodes, "a non-empty list of positive integers or null (every episode)")
@@ -73,11 +78,15 @@ def plan_cells(bench: DictConfig) -> list[Cell]:
         _check(task in known, "tasks", task, f"one of the configs in conf/task ({', '.join(sorted(known))})")
     cells = []
     for task in tasks:
-        for policy, overrides in policies.items():
+        for label, (config, overrides) in variants.items():
             for n in episodes:
                 for seed in seeds:
-                    cells.append(Cell(len(cells), task, policy, tuple(overrides), int(seed), n))
+                    cells.append(Cell(len(cells), task, label, overrides, int(seed), n, "" if config == label else config))
     return cells
+
+
+def known_policies() -> list[str]:
+    return sorted(p.stem for p in (REPO / "conf" / "policy").glob("*.yaml"))
 
 
 def dataset_path(bench: DictConfig, task: str) -> str | None:
@@ -86,7 +95,7 @@ def dataset_path(bench: DictConfig, task: str) -> str | None:
 
 
 def train_command(bench: DictConfig, cell: Cell, out: Path) -> list[str]:
-    command = [sys.executable, str(REPO / "train.py"), f"task={cell.task}", f"policy={cell.policy}", f"seed={cell.seed}",
+    command = [sys.executable, str(REPO / "train.py"), f"task={cell.task}", f"policy={cell.policy_config or cell.policy}", f"seed={cell.seed}",
                f"training.steps={bench.steps}", f"hydra.run.dir={cell.directory(out)}"]
     if (path := dataset_path(bench, cell.task)) is not None:
         command.append(f"task.dataset_path={path}")
@@ -138,6 +147,7 @@ def run_cell(bench: DictConfig, cell: Cell, out: Path) -> dict:
     summary = {k: float(v) for k, v in (item.split("=", 1) for item in lines[-1].split())}
     curves = read_curves(directory / "metrics.jsonl")
     result = {"cell": cell.name, "index": cell.index, "task": cell.task, "policy": cell.policy,
+              "policy_config": cell.policy_config or cell.policy,
               "policy_overrides": list(cell.policy_overrides), "seed": cell.seed, "train_episodes": cell.train_episodes,
               "steps": bench.steps, "wall_time_s": curves[-1]["elapsed_s"] if curves else time.time() - started,
               "code_version": code_version(), "machine": machine(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -64,18 +64,20 @@ def _group(rows: list[dict]) -> dict[tuple, list[dict]]:
     return groups
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """Means over seeds with 95 % t intervals, then paired differences of success where seeds match."""
+def markdown_table(rows: list[dict], metrics: list[str] = (SUCCESS, VAL_LOSS)) -> str:
+    """Means over seeds of each of `metrics` with 95 % t intervals, then paired differences of
+    success where seeds match. A metric a run does not report shows as —."""
     versions = sorted({r["code_version"] for r in rows})
-    lines = ["| task | training episodes | policy | seeds | success | val loss | wall time (min) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| task | training episodes | policy | seeds | " + " | ".join(metrics) + " | wall time (min) |",
+             "|---|---|---|---|" + "---|" * len(metrics) + "---|"]
     for (task, episodes, policy), group in sorted(_group(rows).items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2])):
         cells = []
-        for key in (SUCCESS, VAL_LOSS):
+        for key in metrics:
             values = [r["metrics"][key] for r in group if key in r["metrics"]]
             cells.append(_fmt(*mean_ci(values), digits=2 if key == SUCCESS else 4) if values else "—")
         wall = _fmt(*mean_ci([r["wall_time_s"] / 60 for r in group]), digits=1)
         mark = " †" if len({r["code_version"] for r in group}) > 1 else ""
-        lines.append(f"| {task} | {episodes or 'all'} | {policy}{mark} | {len(group)} | {cells[0]} | {cells[1]} | {wall} |")
+        lines.append(f"| {task} | {episodes or 'all'} | {policy}{mark} | {len(group)} | {' | '.join(cells)} | {wall} |")
     lines += ["", "Means over seeds with 95 % Student-t intervals [low, high]."]
     paired = paired_differences(rows)
     if paired:
@@ -147,12 +149,12 @@ def plot_curves(rows: list[dict], out: Path) -> list[Path]:
     return written
 
 
-def write_report(out: Path) -> str:
+def write_report(out: Path, metrics: list[str] = (SUCCESS, VAL_LOSS)) -> str:
     rows = load_results(out)
     if not rows:
         return "no finished cells yet\n"
     write_csv(rows, out / "results.csv")
-    table = markdown_table(rows)
+    table = markdown_table(rows, list(metrics))
     (out / "table.md").write_text(table)
     plot_curves(rows, out)
     return table

@@ -66,6 +66,7 @@ class EvalConfig:
     asynchronous: bool = False  # AsyncVectorEnv (one process per env) instead of SyncVectorEnv
     n_videos: int = 1  # mp4 videos of the first episodes, under <run dir>/eval/step_N/
     seed_start: int = 1_000_000
+    loss_terms: bool = False  # at the end: every loss term over the whole training and held-out splits (terms/train/*, terms/val/*)
 
 
 @dataclass

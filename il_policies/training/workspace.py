@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import random
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,39 +33,12 @@ from il_policies.policies.registry import config_to_dict, make_config
 from il_policies.training.config import resolved_training_preset
 from il_policies.training.distributed import DistributedContext, GlobalBatchOrder
 from il_policies.training.logger import RunLogger
+from il_policies.training.state import capture_rng, clip_grad_norm, resolve_device, restore_rng, seed_everything
 from il_policies.training.validate import check_train_config
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
-
-
-def resolve_device(name: str, ctx: DistributedContext) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", ctx.local_rank)
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
-    """`torch.nn.utils.clip_grad_norm_`, without its multiply of every gradient by a coefficient that
-    is exactly 1 when the norm is within bounds (there to avoid a device sync; on a CPU it is a full
-    read and write of the gradients, 206 MB for ACT). Returns the total norm before clipping."""
-    parameters = [p for p in parameters if p.grad is not None]
-    total = torch.nn.utils.get_total_norm([p.grad for p in parameters])
-    # torch's own coefficient, so that exactly the steps torch scales are scaled (a norm just under the
-    # bound is, through the 1e-6; a NaN norm too).
-    if not torch.clamp(max_norm / (total + 1e-6), max=1.0) == 1.0:
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
-    return total
 
 
 class Workspace:
@@ -204,14 +176,7 @@ class Workspace:
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "best_score": self.best_score,
-                "rng": {
-                    "python": list(random.getstate()[1]),
-                    "python_version": random.getstate()[0],
-                    "python_gauss": random.getstate()[2],
-                    "numpy": _numpy_rng_state(),
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                },
+                "rng": capture_rng(),
                 "logger_run_id": self.logger.run_id,
                 "elapsed_s": self.logger.elapsed_s,
             },
@@ -230,12 +195,7 @@ class Workspace:
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.best_score = state["best_score"]
-        rng = state["rng"]
-        random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
-        np.random.set_state(_numpy_state_from(rng["numpy"]))
-        torch.set_rng_state(rng["torch"].cpu())
-        if rng["cuda"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        restore_rng(state["rng"])
         self.step = int(payload["step"])
         self.resumed_run_id = state.get("logger_run_id")
         self.logger.elapsed_before = float(state.get("elapsed_s", 0.0))
@@ -277,20 +237,31 @@ class Workspace:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        if len(self.val_dataset) == 0:
+        return self._mean_terms(self.val_dataset, "val")
+
+    def measure_loss_terms(self) -> dict[str, float]:
+        """`eval.loss_terms`: every loss term over the whole training split and the whole held-out
+        split, with fixed sampling noise (the global RNG untouched), as `terms/train/*`, `terms/val/*`.
+        BC's one term `action_mse` is also reported as `action_supervised`, the VAEs' name for it."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            terms = self._mean_terms(self.dataset, "terms/train") | self._mean_terms(self.val_dataset, "terms/val")
+        return terms | {k.replace("action_mse", "action_supervised"): v for k, v in terms.items() if k.endswith("action_mse")}
+
+    def _mean_terms(self, dataset: SequenceDataset, prefix: str) -> dict[str, float]:
+        """Every metric of compute_loss averaged over a whole dataset, eval mode, inference weights."""
+        if len(dataset) == 0:
             return {}
         totals: dict[str, float] = {}
-        count = 0
         batch_size = self.cfg.training.batch_size
         with self._inference_weights():
             self.policy.eval()
-            for start in range(0, len(self.val_dataset), batch_size):
-                indices = list(range(start, min(start + batch_size, len(self.val_dataset))))
-                loss, metrics = self.policy.compute_loss(self._batch(self.val_dataset, indices))
+            for start in range(0, len(dataset), batch_size):
+                indices = list(range(start, min(start + batch_size, len(dataset))))
+                loss, metrics = self.policy.compute_loss(self._batch(dataset, indices))
                 for key, value in {"loss": loss.item(), **metrics}.items():
                     totals[key] = totals.get(key, 0.0) + value * len(indices)
-                count += len(indices)
-        return {f"val/{key}": value / count for key, value in totals.items()}
+        return {f"{prefix}/{key}": value / len(dataset) for key, value in totals.items()}
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -343,6 +314,8 @@ class Workspace:
         """Validation (and rollouts), then `best` when the score improved, then `latest`."""
         val = {key: self.ctx.mean(value) for key, value in self.validate().items()}
         rollouts = self.evaluate() if evaluate else {}
+        if self.cfg.eval.loss_terms and self.step == self.cfg.training.steps:
+            rollouts |= self.measure_loss_terms()
         if self.ctx.is_main:
             self._visualize()
         self.logger.log({**val, **rollouts, "epoch": self.batch_order.epoch_of(self.step - 1)}, self.step)
@@ -388,12 +361,3 @@ class Workspace:
             f"step {self.step}: success rate {result.success_rate:.2f} over {result.n_episodes} episodes ({result.wall_time_s:.0f} s)"
         )
         return {f"eval/{key}": float(value) for key, value in result.summary().items()}
-
-
-def _numpy_rng_state() -> dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached}
-
-
-def _numpy_state_from(state: Mapping[str, Any]):
-    return (state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["cached"])
