@@ -316,3 +316,28 @@ def test_bvae_learns_metaworld_push_from_state(tmp_path):
     policy = load_policy(tmp_path / "run" / "checkpoints" / "latest.pt")
     result, _ = run_rollouts(task, PolicyActor(policy), eval_seeds(10), progress=False)
     assert result.success_rate >= 0.6, result.summary()
+
+
+@pytest.mark.parametrize("yaml", ["bvae", "bvae_original"])
+def test_batchnorm_running_statistics_come_only_from_inference_like_inputs(yaml):
+    """With norm=batch a training step runs E on real and on decoded observations and D on sampled
+    latents and on actions; only E on real observations and D on actions (what each sees at
+    inference, `select_action` and `decode_action`) may move the running statistics."""
+    import copy
+
+    from einops import rearrange
+
+    policy = policy_from_yaml(yaml, IMAGE_META, **TINY_IMAGE, norm="batch", upsample_sizes=None).train()
+    reference = copy.deepcopy(policy)
+    batch = random_batch(IMAGE_META, batch=8)
+    policy.compute_loss(batch)
+    with torch.no_grad():
+        reference.vae.encode(reference.vae.pack(reference.normalize_obs(batch["obs"])))
+        reference.vae.decode(rearrange(reference.normalizer.normalize("action", batch["action"]), "b h a -> b (h a)"))
+    stats = {name: buffer for name, buffer in policy.named_buffers() if "running" in name or "num_batches" in name}
+    expected = dict(reference.named_buffers())
+    assert any("encoder" in name for name in stats) and any("decoder" in name for name in stats)
+    for name, value in stats.items():
+        torch.testing.assert_close(value, expected[name], msg=name)
+    moved = [name for name, value in stats.items() if name.endswith("running_mean") and value.abs().sum() > 0]
+    assert moved  # the step did update statistics, so the comparison above could fail

@@ -28,7 +28,8 @@ the caller's choice (`il_policies.nn.vae.std_from_raw`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -50,6 +51,24 @@ def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"unknown norm {kind!r}: use batch, group or none")
+
+
+@contextlib.contextmanager
+def running_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """Inside, the BatchNorm layers of `module` still normalize a training batch by its own
+    statistics but leave their running statistics (used in eval mode) as they are: for a pass over
+    inputs unlike those the module sees at inference (BVAE's decoded observations, sampled latents)."""
+    layers = [m for m in module.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in layers]
+    for m in layers:
+        m.momentum = 0.0  # running = (1 - momentum) * running + momentum * batch
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(layers, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 def _down(size: int, kernel: int, stride: int, padding: int = 0) -> int:

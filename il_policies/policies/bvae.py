@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from einops import rearrange
 
+from il_policies.nn.conv_vae import running_stats_frozen
 from il_policies.nn.losses import masked_mean
 from il_policies.nn.observation_vae import ObservationVAE, obs_mse, sample_pack
 from il_policies.nn.vae import gaussian_from_output, gaussian_kl, reparameterize
@@ -87,8 +88,10 @@ class BVAEPolicy(Policy):
         mu_a, s_a, logvar_a = gaussian_from_output(vae.encode(o), cfg.scale)
         terms = {"action_supervised": action_mse(mu_a), "kl": gaussian_kl(mu_a, logvar_a).mean()}
         every = not self.training  # training steps skip the terms with weight 0; validation reports all
+        # BatchNorm's running statistics (eval mode) come only from the inputs each network sees at
+        # inference: E's from real observations, D's from actions (what decode_action feeds it).
         if every or self._trained("obs_recon"):
-            with self._grad("obs_recon"):
+            with self._grad("obs_recon"), running_stats_frozen(vae.decoder):
                 mu_o, raw_o = vae.decode(reparameterize(mu_a, s_a, cfg.noise_scale))
                 o_hat = sample_pack(mu_o, raw_o, cfg.scale, cfg.noise_scale)
                 terms["obs_recon"] = obs_mse(o_hat, o)
@@ -97,7 +100,7 @@ class BVAEPolicy(Policy):
             with self._grad("obs_supervised", "action_recon"):
                 mu_o2, raw_o2 = vae.decode(a_flat)
                 terms["obs_supervised"] = obs_mse(mu_o2, o)
-            with self._grad("action_recon"):
+            with self._grad("action_recon"), running_stats_frozen(vae.encoder):
                 o_tilde = sample_pack(mu_o2, raw_o2, cfg.scale, cfg.noise_scale)
                 mu_a2, s_a2, _ = gaussian_from_output(vae.encode(o_tilde), cfg.scale)
                 a_tilde = reparameterize(mu_a2, s_a2, cfg.noise_scale)
