@@ -27,9 +27,10 @@ def check_output_path(out: pathlib.Path, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def built_aside(out, overwrite: bool = False) -> Iterator[pathlib.Path]:
-    """For converters: yield a temporary path next to `out` to write a whole store to; when the body
-    finishes, move it into place (replacing `out` if `overwrite`). A failure or a kill leaves `out`
-    as it was; what a killed conversion left aside is removed by the next one."""
+    """For whole-store writes (`TrajectoryStore.create`, converters): yield a temporary path next to
+    `out` to write the store to; when the body finishes, move it into place (replacing `out` if
+    `overwrite`). A failure or a kill leaves `out` as it was; what a killed write left aside is
+    removed by the next one."""
     out = pathlib.Path(out)
     check_output_path(out, overwrite)
     for stale in out.parent.glob(f".{out.name}.building-*"):

@@ -27,7 +27,8 @@ import re
 import h5py
 import numpy as np
 
-from il_policies.data.store import KeySpec, StoreError, TrajectoryStore, built_aside, check_output_path
+from il_policies.data.paths import built_aside, check_output_path
+from il_policies.data.store import KeySpec, StoreError, TrajectoryStore
 
 __all__ = ["DEFAULT_FPS", "convert_robomimic", "sort_demos"]
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import shutil
-import uuid
 from typing import Iterator
 
 import numpy as np
@@ -37,7 +35,7 @@ from il_policies.data.paths import built_aside, check_output_path, open_group
 from il_policies.data.schema import (FORMAT_VERSION, KINDS, KeySpec, StoreError, check_new_schema, conform_episode,
                                     exc_text, infer_schema, parse_schema)
 
-__all__ = ["FORMAT_VERSION", "KINDS", "KeySpec", "StoreError", "TrajectoryStore", "built_aside"]
+__all__ = ["FORMAT_VERSION", "KINDS", "KeySpec", "StoreError", "TrajectoryStore"]
 
 ATTR = "il_policies"
 ENDS, SEEDS = "meta/episode_ends", "meta/episode_seeds"
@@ -79,27 +77,21 @@ class TrajectoryStore:
 
         provenance = check_new_schema(keys, fps, task, provenance, err)
         check_output_path(path, overwrite)
-        for stale in path.parent.glob(f".{path.name}.creating-*"):  # left by a create that was killed
-            shutil.rmtree(stale, ignore_errors=True)
-        building = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:8]}"
         try:
-            group = zarr.open_group(str(building), mode="w-", zarr_format=3)
-            data, meta = group.create_group("data"), group.create_group("meta")
-            for name, spec in keys.items():
-                data.create_array(name, shape=(0, *spec.shape), dtype=spec.dtype,
-                                  chunks=(_chunk_rows(spec), *spec.shape),
-                                  compressors=_compressor(spec), fill_value=0)
-            meta.create_array("episode_ends", shape=(0,), dtype="int64", chunks=(META_CHUNK,),
-                              compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"))
-            group.attrs[ATTR] = {"format_version": FORMAT_VERSION,
-                                 "keys": {k: s.to_json() for k, s in keys.items()},
-                                 "fps": float(fps), "task": task, "provenance": provenance,
-                                 "committed_episodes": 0, "committed_steps": 0}
-            if path.exists():
-                shutil.rmtree(path)
-            building.rename(path)  # the store appears whole or not at all
+            with built_aside(path, overwrite) as building:  # the store appears whole or not at all
+                group = zarr.open_group(str(building), mode="w-", zarr_format=3)
+                data, meta = group.create_group("data"), group.create_group("meta")
+                for name, spec in keys.items():
+                    data.create_array(name, shape=(0, *spec.shape), dtype=spec.dtype,
+                                      chunks=(_chunk_rows(spec), *spec.shape),
+                                      compressors=_compressor(spec), fill_value=0)
+                meta.create_array("episode_ends", shape=(0,), dtype="int64", chunks=(META_CHUNK,),
+                                  compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"))
+                group.attrs[ATTR] = {"format_version": FORMAT_VERSION,
+                                     "keys": {k: s.to_json() for k, s in keys.items()},
+                                     "fps": float(fps), "task": task, "provenance": provenance,
+                                     "committed_episodes": 0, "committed_steps": 0}
         except Exception as e:
-            shutil.rmtree(building, ignore_errors=True)
             raise err(f"creating it failed ({exc_text(e)})") from None
         return cls.open(path, mode="a")
 
