@@ -9,11 +9,12 @@ values: loading one never runs code from the file.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from il_policies.atomic import replaced_atomically
 
 FORMAT = "il_policies.checkpoint/1"
 
@@ -28,17 +29,8 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     A crash mid-write leaves the previous file intact.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"format": FORMAT, **payload}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with replaced_atomically(path) as tmp:
+        torch.save({"format": FORMAT, **payload}, tmp)
     return path
 
 

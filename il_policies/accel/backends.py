@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from il_policies.accel import accelerate
+from il_policies.atomic import replaced_atomically
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 EXPORT_FORMAT = "il_policies.onnx/1"
@@ -75,14 +75,8 @@ def export_onnx(policy, path: str | os.PathLike, metadata: dict[str, Any] | None
             "policy_config": dataclasses.asdict(policy.config), **(metadata or {})}
     entry.key, entry.value = "il_policies", json.dumps(info)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with replaced_atomically(path) as tmp:
+        onnx.save(model, str(tmp))
     return path
 
 

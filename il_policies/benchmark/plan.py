@@ -14,12 +14,13 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from il_policies.atomic import replaced_atomically
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -122,14 +123,6 @@ def machine() -> str:
     return f"{model or platform.processor() or 'unknown CPU'}, {os.cpu_count()} CPUs"
 
 
-def write_json_atomically(path: Path, data: dict) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".partial", delete=False) as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
-
-
 def run_cell(bench: DictConfig, cell: Cell, out: Path) -> dict:
     """Run (or resume) one cell's train.py; on success write its result.json and return it."""
     directory = cell.directory(out)
@@ -152,7 +145,8 @@ def run_cell(bench: DictConfig, cell: Cell, out: Path) -> dict:
               "steps": bench.steps, "wall_time_s": curves[-1]["elapsed_s"] if curves else time.time() - started,
               "code_version": code_version(), "machine": machine(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
               "metrics": summary}
-    write_json_atomically(directory / "result.json", result)
+    with replaced_atomically(directory / "result.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
     return result
 
 
