@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from il_policies.data.store import StoreError, TrajectoryStore  # noqa: E402
+from workers import cpu_model  # noqa: E402  (bench/workers.py)
 
 
 def generate(task: str, n: int, out: Path) -> subprocess.Popen:
@@ -64,8 +65,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-                if line.startswith("Model name")), "unknown CPU")
+    cpu = cpu_model()
     work = Path(tempfile.mkdtemp(prefix="kill_generation_"))
     try:
         started = time.monotonic()

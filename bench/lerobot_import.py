@@ -31,17 +31,9 @@ from av.video.reformatter import VideoReformatter  # noqa: E402
 
 import tests.lerobot_fixtures as fx  # noqa: E402
 from il_policies.data.lerobot_import import convert_lerobot  # noqa: E402
+from workers import cpu_model  # noqa: E402  (bench/workers.py)
 
 TARGET_FPS = 1000
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
-    except OSError:
-        model = "?"
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def bench_conversion(workdir: Path, episodes: int, length: int, codecs: list[str], repeats: int) -> None:
@@ -197,7 +189,7 @@ def main() -> int:
     p.add_argument("--peer-python", help="python of a venv with lerobot 0.6.x: check against its writer")
     a = p.parse_args()
     codecs = [c for c in a.codecs.split(",") if c in av.codecs_available]
-    print(f"cpu         {cpu_model()}; PyAV {av.__version__}, encoders tried: {', '.join(codecs)}")
+    print(f"cpu         {cpu_model()}, {os.cpu_count()} cores; PyAV {av.__version__}, encoders tried: {', '.join(codecs)}")
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         bench_conversion(Path(tmp), a.episodes, a.length, codecs, a.repeats)
