@@ -64,15 +64,14 @@ def ensure_datasets(bench: DictConfig) -> None:
             ensure_demos(task, path, int(task_cfg.n_demos), OmegaConf.to_container(task_cfg.env_options, resolve=True))
 
 
-def launch(cfg: DictConfig, pending: list[int], out: Path, total: int) -> int:
+def launch(cfg: DictConfig, cells: list, pending: list[int], out: Path) -> int:
     """One Hydra multirun of this script over the pending cells; a progress bar over finished cells."""
     passed = [o for o in HydraConfig.get().overrides.task if not o.startswith(("cell=", "out=", "hydra"))]
     command = [sys.executable, str(Path(__file__).resolve()), "-m", *passed, f"out={out}",
                f"cell={','.join(map(str, pending))}", *launcher_overrides(cfg)]
     with open(out / "launcher.log", "a") as log:
         process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        cells = plan_cells(cfg.benchmark)
-        bar = tqdm(total=total, initial=total - len(pending), desc=f"benchmark {cfg.benchmark.name}", unit="cell")
+        bar = tqdm(total=len(cells), initial=len(cells) - len(pending), desc=f"benchmark {cfg.benchmark.name}", unit="cell")
         while process.poll() is None:
             time.sleep(2)
             bar.update(sum(c.done(out) for c in cells) - bar.n)
@@ -99,7 +98,7 @@ def main(cfg: DictConfig) -> None:
               f"{len(pending)} to run; results under {out}", flush=True)
         if pending:
             ensure_datasets(cfg.benchmark)
-            if launch(cfg, pending, out, len(cells)) != 0:
+            if launch(cfg, cells, pending, out) != 0:
                 failed = [cells[i].name for i in pending if not cells[i].done(out)]
                 print(f"error: {len(failed)} cells did not finish (first: {failed[0] if failed else '?'}); "
                       f"see {out / 'launcher.log'} and each cell's train.log; rerun the same command to retry them",

@@ -122,13 +122,13 @@ def plot_curves(rows: list[dict], out: Path) -> list[Path]:
     for (task, episodes), policies in sorted(by_plot.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         fig, axes = plt.subplots(2, 2, figsize=(10, 7), squeeze=False)
         for policy, runs in sorted(policies.items()):
-            curves = [read_curves(out / "cells" / r["cell"] / "metrics.jsonl") for r in runs]
+            curves = [{c["step"]: c for c in read_curves(out / "cells" / r["cell"] / "metrics.jsonl")} for r in runs]
             for row, key in enumerate((SUCCESS, VAL_LOSS)):
-                steps = sorted(set.intersection(*[{c["step"] for c in curve if key in c} for curve in curves]))
+                steps = sorted(set.intersection(*[{step for step, c in curve.items() if key in c} for curve in curves]))
                 if not steps:
                     continue
-                values = np.array([[next(c[key] for c in curve if c["step"] == s) for s in steps] for curve in curves])
-                elapsed = np.array([[next(c["elapsed_s"] for c in curve if c["step"] == s) for s in steps] for curve in curves])
+                values = np.array([[curve[s][key] for s in steps] for curve in curves])
+                elapsed = np.array([[curve[s]["elapsed_s"] for s in steps] for curve in curves])
                 bands = np.array([mean_ci(values[:, i]) for i in range(len(steps))])
                 for col, x in enumerate((np.array(steps), elapsed.mean(axis=0) / 60)):
                     ax = axes[row, col]

@@ -35,11 +35,12 @@ class RunLogger:
 
     def start(self, resume_id: str | None = None) -> None:
         self._started = time.monotonic()
+        if self.enabled:
+            self.output_dir.mkdir(parents=True, exist_ok=True)  # metrics.jsonl is written whatever the mode
         if not self.enabled or self.cfg.logger.mode == "disabled":
             return
         import wandb  # imported here: it is slow to import and a disabled run does not need it
 
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             project=self.cfg.logger.project,
             entity=self.cfg.logger.entity,
@@ -56,7 +57,6 @@ class RunLogger:
         if self.run is not None:
             self.run.log(dict(metrics), step=step)
         if self.enabled:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "elapsed_s": round(self.elapsed_s, 3), **dict(metrics)}, default=float) + "\n")
 
