@@ -53,7 +53,7 @@ from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 from il_policies.data.paths import built_aside, check_output_path
-from il_policies.data.schema import KeySpec, StoreError, exc_text
+from il_policies.data.schema import KeySpec, StoreError, exc_text, first_nonfinite_row
 from il_policies.data.store import TrajectoryStore
 
 __all__ = ["SUPPORTED_VERSIONS", "convert_lerobot", "parse_episodes"]
@@ -209,8 +209,7 @@ def _numbers(table: pa.Table, feature: str, spec: KeySpec, err) -> np.ndarray:
         raise err(f"column {feature!r} does not hold {len(table)} rows of {list(spec.shape)} numbers")
     with np.errstate(over="ignore", invalid="ignore"):
         values = values.astype(np.float32).reshape(len(table), *spec.shape)
-    if not np.isfinite(values).all():
-        row = int(np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))[0])
+    if (row := first_nonfinite_row(values)) is not None:
         raise err(f"column {feature!r} holds NaN or inf (or overflows float32) at frame {row}")
     return values
 

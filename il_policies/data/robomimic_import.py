@@ -28,6 +28,7 @@ import h5py
 import numpy as np
 
 from il_policies.data.paths import built_aside, check_output_path
+from il_policies.data.schema import first_nonfinite_row
 from il_policies.data.store import KeySpec, StoreError, TrajectoryStore
 
 __all__ = ["DEFAULT_FPS", "convert_robomimic", "sort_demos"]
@@ -172,8 +173,7 @@ def convert_robomimic(hdf5_path, out_path, *, obs_keys: list[str] | None = None,
                     if spec.dtype == "float32":
                         with np.errstate(over="ignore", invalid="ignore"):
                             v = v.astype(np.float32)
-                        if not np.isfinite(v).all():
-                            step = int(np.flatnonzero(~np.isfinite(v.reshape(len(v), -1)).all(axis=1))[0])
+                        if (step := first_nonfinite_row(v)) is not None:
                             raise err(f"demo {demo!r} key {key!r} holds NaN or inf (or overflows float32) at step {step}")
                     episode[name] = v
                 store.append_episode(episode)

@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["FORMAT_VERSION", "KINDS", "KeySpec", "StoreError", "check_new_schema", "conform_episode", "exc_text",
+__all__ = ["FORMAT_VERSION", "KINDS", "KeySpec", "StoreError", "check_new_schema", "conform_episode", "exc_text", "first_nonfinite_row",
            "infer_schema", "parse_schema"]
 
 FORMAT_VERSION = 1
@@ -51,6 +51,13 @@ class KeySpec:
         return {"shape": list(self.shape), "dtype": self.dtype, "kind": self.kind}
 
 
+def first_nonfinite_row(values: np.ndarray) -> int | None:
+    """The first row (along axis 0) of a float array holding NaN or inf, or None."""
+    if values.dtype.kind != "f" or np.isfinite(values).all():
+        return None
+    return int(np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))[0])
+
+
 def exc_text(exc: BaseException) -> str:
     text = " ".join(str(exc).split())[:200]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -80,8 +87,7 @@ def conform_episode(keys: dict[str, KeySpec], episode, label: str,
             raise err(f"key {k!r} of {label} has dtype {v.dtype.name} but the schema says {spec.dtype}")
         with np.errstate(over="ignore", invalid="ignore"):
             v = np.ascontiguousarray(v, dtype=target)
-        if target.kind == "f" and not np.isfinite(v).all():
-            step = int(np.flatnonzero(~np.isfinite(v.reshape(len(v), -1)).all(axis=1))[0])
+        if (step := first_nonfinite_row(v)) is not None:
             raise err(f"key {k!r} of {label} holds NaN or inf (or overflows {spec.dtype}) at step {step}")
         if length is None:
             length = len(v)

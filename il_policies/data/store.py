@@ -33,7 +33,7 @@ from zarr.codecs import BloscCodec
 
 from il_policies.data.paths import built_aside, check_output_path, open_group
 from il_policies.data.schema import (FORMAT_VERSION, KINDS, KeySpec, StoreError, check_new_schema, conform_episode,
-                                    exc_text, infer_schema, parse_schema)
+                                    exc_text, first_nonfinite_row, infer_schema, parse_schema)
 
 __all__ = ["FORMAT_VERSION", "KINDS", "KeySpec", "StoreError", "TrajectoryStore"]
 
@@ -254,8 +254,8 @@ class TrajectoryStore:
                     break
             raise self._err(f"key {key!r} has a corrupt chunk at steps {lo}-{hi - 1} "
                             f"({self._episodes_of(lo, hi)}): {exc_text(exc)}") from None
-        if out.dtype.kind == "f" and not np.isfinite(out).all():
-            row = lo + int(np.flatnonzero(~np.isfinite(out.reshape(len(out), -1)).all(axis=1))[0])
+        if (row := first_nonfinite_row(out)) is not None:
+            row += lo
             raise self._err(f"key {key!r} holds NaN or inf at step {row} ({self._episodes_of(row, row + 1)})")
         return out
 
