@@ -54,6 +54,21 @@ def _params(policy) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in policy.state_dict().items()}
 
 
+def run_until_interrupted(overrides: list[str], run_dir, step: int, monkeypatch) -> None:
+    """Run the Workspace as Ctrl-C would stop it just before it trains step `step`."""
+    original_step = Workspace._train_step
+
+    def interrupt(self, batch):
+        if self.step == step:
+            raise KeyboardInterrupt
+        return original_step(self, batch)
+
+    monkeypatch.setattr(Workspace, "_train_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        Workspace(make_cfg(overrides), run_dir).run()
+    monkeypatch.setattr(Workspace, "_train_step", original_step)
+
+
 BC_DROPOUT = [*BC_SMALL, "policy.dropout=0.1"]  # dropout: the RNG state must be restored too (accel: numpy masks seeded from it)
 
 
@@ -73,18 +88,8 @@ def test_interrupted_run_resumes_to_identical_parameters(policy, store_fixture, 
     straight.run()
 
     interrupted_dir = tmp_path / "interrupted"
-    original_step = Workspace._train_step
-
-    def interrupt_at_20(self, batch):
-        if self.step == 20:
-            raise KeyboardInterrupt
-        return original_step(self, batch)
-
-    monkeypatch.setattr(Workspace, "_train_step", interrupt_at_20)
-    with pytest.raises(KeyboardInterrupt):
-        Workspace(make_cfg(overrides), interrupted_dir).run()
+    run_until_interrupted(overrides, interrupted_dir, 20, monkeypatch)
     assert read_checkpoint(interrupted_dir / "checkpoints" / "latest.pt")["step"] == 20
-    monkeypatch.setattr(Workspace, "_train_step", original_step)
     resumed = Workspace(make_cfg(overrides), interrupted_dir)
     summary = resumed.run()
     assert summary["step"] == 40
@@ -256,17 +261,7 @@ def test_metrics_jsonl_keeps_every_logged_step_and_the_wall_time_across_a_resume
 
     overrides = [*BC_SMALL, f"task.dataset_path={linear_store}", "training.steps=20", "training.batch_size=8",
                  "training.log_every=5", "training.val_every=10", "training.checkpoint_every=10"]
-    original_step = Workspace._train_step
-
-    def stop_at_15(self, batch):
-        if self.step == 15:
-            raise KeyboardInterrupt
-        return original_step(self, batch)
-
-    monkeypatch.setattr(Workspace, "_train_step", stop_at_15)
-    with pytest.raises(KeyboardInterrupt):
-        Workspace(make_cfg(overrides), tmp_path).run()
-    monkeypatch.setattr(Workspace, "_train_step", original_step)
+    run_until_interrupted(overrides, tmp_path, 15, monkeypatch)
     before = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     checkpoint_elapsed = read_checkpoint(tmp_path / "checkpoints/latest.pt")["train_state"]["elapsed_s"]
     summary = Workspace(make_cfg(overrides), tmp_path).run()
