@@ -95,12 +95,6 @@ class TrajectoryStore:
             raise err(f"creating it failed ({exc_text(e)})") from None
         return cls.open(path, mode="a")
 
-    def update_provenance(self, extra: dict) -> None:
-        """Merge JSON-serialisable `extra` into the provenance attribute (append mode only)."""
-        if self.mode != "a" or self.schema_inferred:
-            raise self._err("cannot update the provenance of a store opened read-only or without a schema")
-        self._write_root_meta(self.n_episodes, self.n_steps, extra)
-
     @classmethod
     def open(cls, path, mode: str = "r") -> "TrajectoryStore":
         """Open for reading ("r") or appending ("a"); runs the cheap (metadata-only) checks."""
