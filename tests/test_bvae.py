@@ -278,11 +278,24 @@ def test_decode_action_and_the_traversal_grid_png(tmp_path):
     assert [p.name for p in paths] == ["latent_traversal.png", "action_to_obs.png"]
     grid = imageio.imread(paths[0])
     rows, cols = 4, 1 + 5  # latent = horizon * action_dim; the real image, then -2..+2 SD
-    assert grid.shape == (rows * (16 + 2) + 2, cols * (16 + 2) + 2, 3) and grid.dtype == np.uint8
+    bare_h, bare_w = rows * (16 + 2) + 2, cols * (16 + 2) + 2
+    top, left = grid.shape[0] - bare_h, grid.shape[1] - bare_w  # labels above and to the left of the tiles
+    assert top > 0 and left > 0 and grid.dtype == np.uint8
+    assert (grid[:top] < 128).any() and (grid[top:, :left] < 128).any()  # text drawn in both margins
     # Moving a latent coordinate changes the decoded picture: tiles in a row differ.
-    tile = lambda r, c: grid[2 + r * 18 : 2 + r * 18 + 16, 2 + c * 18 : 2 + c * 18 + 16]  # noqa: E731
+    tile = lambda r, c: grid[top + 2 + r * 18 : top + 2 + r * 18 + 16, left + 2 + c * 18 : left + 2 + c * 18 + 16]  # noqa: E731
     assert any(not np.array_equal(tile(r, 1), tile(r, 5)) for r in range(rows))
-    assert imageio.imread(paths[1]).shape == (2 * 18 + 2, 4 * 18 + 2, 3)
+    pairs = imageio.imread(paths[1])  # 2 rows x 4 samples, then one line per sample's action below
+    assert pairs.shape[0] > 2 * 18 + 2 + 4 * 10 and pairs.shape[1] > 4 * 18 + 2
+
+
+def test_grid_labels_name_the_coordinates_and_their_sds():
+    from il_policies.visualization import latent_labels
+
+    bvae = policy_from_yaml("bvae", IMAGE_META, horizon=2, n_action_steps=2, **TINY_IMAGE)
+    assert latent_labels(bvae, 4) == ["a[0] t+0", "a[1] t+0", "a[0] t+1", "a[1] t+1"]
+    assert latent_labels(policy_from_yaml("bvae", IMAGE_META, **TINY_IMAGE), 2) == ["a[0]", "a[1]"]
+    assert latent_labels(policy_from_yaml("vae_nn", IMAGE_META, **TINY_IMAGE), 2) == ["z[0]", "z[1]"]
 
 
 def test_latent_traversal_cli_writes_the_grid_from_a_checkpoint(image_store, tmp_path):
@@ -294,7 +307,8 @@ def test_latent_traversal_cli_writes_the_grid_from_a_checkpoint(image_store, tmp
     run = subprocess.run([sys.executable, "eval/latent_traversal.py", f"checkpoint={tmp_path / 'checkpoints' / 'latest.pt'}",
                           f"out={out}", "index=3"], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert imageio.imread(out).shape == (3 * 26 + 2, 6 * 26 + 2, 3)  # 24x24 images, 3-dim action
+    grid = imageio.imread(out)  # 24x24 images, 3-dim action: 3 rows, 6 columns, and the labels
+    assert grid.shape[0] > 3 * 26 + 2 and grid.shape[1] > 6 * 26 + 2
 
 
 # ---- a real task --------------------------------------------------------------------------------

@@ -126,6 +126,10 @@ class BVAEPolicy(Policy):
         return self.normalizer.unnormalize("action", mu)
 
     # ---- generative ---------------------------------------------------------------------------
+    def decoder_latent(self, batch) -> torch.Tensor:
+        """What D decodes for a sample: its normalized action chunk, flattened (`generative_checks`)."""
+        return rearrange(self.normalizer.normalize("action", batch["action"]), "b h a -> b (h a)")
+
     @torch.no_grad()
     def decode_action(self, action: torch.Tensor) -> dict[str, torch.Tensor]:
         """Raw action chunk `(B, horizon, A)` -> the observation D imagines, `{key: (B, T, *shape)}`
@@ -138,7 +142,8 @@ class BVAEPolicy(Policy):
     @torch.no_grad()
     def visualize(self, batch, out_dir) -> list:
         """`latent_traversal.png` (rows: action coordinates -2..+2 SD around a real sample's latent)
-        and `action_to_obs.png` (top: real images; bottom: D(true action)). Image policies only."""
+        and `action_to_obs.png` (top: real images; bottom: D(true action); below: each column's
+        action, its first step in raw units). Image policies only."""
         from il_policies.visualization import display_image, tile_grid, traversal_grid, write_png
 
         if not self.vae.rgb_keys:
@@ -149,5 +154,8 @@ class BVAEPolicy(Policy):
         decoded = self.decode_action(batch["action"][:n])
         imagined = display_image(self, self.normalizer.normalize_obs(decoded))
         pair = torch.stack([display_image(self, {k: v[:n] for k, v in obs.items()}), imagined])
-        paths.append(write_png(tile_grid(pair), Path(out_dir) / "action_to_obs.png"))
+        columns = [f"#{i + 1}" for i in range(n)]
+        notes = [f"#{i + 1}: a = [{', '.join(f'{x:+.2f}' for x in batch['action'][i, 0].tolist())}]" for i in range(n)]
+        grid = tile_grid(pair, row_labels=["real", "D(a)"], col_labels=columns, notes=notes)
+        paths.append(write_png(grid, Path(out_dir) / "action_to_obs.png"))
         return paths

@@ -72,8 +72,12 @@ class VAENNPolicy(Policy):
             loss = loss + beta * terms["kl"]
         return loss, {**{name: value.item() for name, value in terms.items()}, "kl_weight": float(beta)}
 
+    def decoder_latent(self, batch) -> torch.Tensor:
+        """What D decodes for a sample: E's mean latent of its observation (`generative_checks`)."""
+        return self.vae.encode(self.vae.pack(self.normalize_obs(batch["obs"])))[:, : self.latent_dim]
+
     def _predict_action_chunk(self, obs, generator=None):
-        mu = self.vae.encode(self.vae.pack(self.normalize_obs(obs)))[:, : self.latent_dim]
+        mu = self.decoder_latent({"obs": obs})
         return self.normalizer.unnormalize("action", rearrange(self.head(mu), "b (h a) -> b h a", a=self.action_dim))
 
     @torch.no_grad()

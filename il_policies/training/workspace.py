@@ -28,6 +28,7 @@ from il_policies.data.dataset import SequenceDataset, collate_batch, prepare_bat
 from il_policies.data.store import TrajectoryStore
 from il_policies.envs import task_from_config
 from il_policies.envs.demos import check_generation_complete, check_store_matches_task, ensure_demos
+from il_policies.generative_checks import decoder_checks
 from il_policies.policies import make_policy
 from il_policies.policies.registry import config_to_dict, make_config
 from il_policies.training.config import resolved_training_preset
@@ -246,21 +247,28 @@ class Workspace:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             terms = self._mean_terms(self.dataset, "terms/train") | self._mean_terms(self.val_dataset, "terms/val")
-        return terms | {k.replace("action_mse", "action_supervised"): v for k, v in terms.items() if k.endswith("action_mse")}
+        terms |= {k.replace("action_mse", "action_supervised"): v for k, v in terms.items() if k.endswith("action_mse")}
+        if hasattr(self.policy, "decoder_latent") and len(self.val_dataset):
+            with self._inference_weights():
+                terms |= decoder_checks(self.policy, self._all_batches(self.dataset), self._all_batches(self.val_dataset))
+        return terms
+
+    def _all_batches(self, dataset: SequenceDataset):
+        size = self.cfg.training.batch_size
+        return (self._batch(dataset, list(range(start, min(start + size, len(dataset))))) for start in range(0, len(dataset), size))
 
     def _mean_terms(self, dataset: SequenceDataset, prefix: str) -> dict[str, float]:
         """Every metric of compute_loss averaged over a whole dataset, eval mode, inference weights."""
         if len(dataset) == 0:
             return {}
         totals: dict[str, float] = {}
-        batch_size = self.cfg.training.batch_size
         with self._inference_weights():
             self.policy.eval()
-            for start in range(0, len(dataset), batch_size):
-                indices = list(range(start, min(start + batch_size, len(dataset))))
-                loss, metrics = self.policy.compute_loss(self._batch(dataset, indices))
+            for batch in self._all_batches(dataset):
+                size = batch["action"].shape[0]
+                loss, metrics = self.policy.compute_loss(batch)
                 for key, value in {"loss": loss.item(), **metrics}.items():
-                    totals[key] = totals.get(key, 0.0) + value * len(indices)
+                    totals[key] = totals.get(key, 0.0) + value * size
         return {f"{prefix}/{key}": value / len(dataset) for key, value in totals.items()}
 
     def run(self) -> dict[str, Any]:
