@@ -103,7 +103,9 @@ def main(cfg: DictConfig) -> None:
                 print(f"error: {len(failed)} cells did not finish (first: {failed[0] if failed else '?'}); "
                       f"see {out / 'launcher.log'} and each cell's train.log; rerun the same command to retry them",
                       file=sys.stderr)
-        print(write_report(out, list(cfg.benchmark.get("metrics") or ["eval/success_rate", "val/loss"])), end="")
+        default = ["eval/success_rate", "val/loss"]
+        metrics, curves = cfg.benchmark.get("metrics") or default, cfg.benchmark.get("curves") or default
+        print(write_report(out, list(metrics), list(curves)), end="")
         if any(not c.done(out) for c in cells):
             sys.exit(1)
     except (BenchmarkError, RuntimeError, ValueError) as error:

@@ -86,6 +86,48 @@ def test_a_group_mixing_code_versions_is_marked():
     assert "| a † |" in mixed and "Versions in this table: abc, def." in mixed
 
 
+def test_curves_read_bcs_action_mse_as_action_supervised_and_plot_the_configured_keys(tmp_path):
+    from il_policies.benchmark.report import curve_value, plot_curves
+
+    assert curve_value({"val/action_mse": 0.3}, "val/action_supervised") == 0.3
+    assert curve_value({"val/action_supervised": 0.2, "val/action_mse": 0.3}, "val/action_supervised") == 0.2
+    assert curve_value({"val/loss": 1.0}, "val/obs_recon") is None
+    rows = []
+    for policy, key in (("bc", "val/action_mse"), ("bvae", "val/action_supervised")):
+        for seed in (0, 1):
+            cell = tmp_path / "cells" / f"{policy}_{seed}"
+            cell.mkdir(parents=True)
+            lines = [json.dumps({"step": step, "elapsed_s": step / 10, key: 1.0 / step + seed}) for step in (10, 20, 30)]
+            (cell / "metrics.jsonl").write_text("\n".join(lines))
+            rows.append({**_row(policy, seed, 0.0), "cell": f"{policy}_{seed}"})
+    [path] = plot_curves(rows, tmp_path, ["val/action_supervised"])
+    assert path.name == "curves_push_8.png" and path.stat().st_size > 5_000
+
+
+WRITEUP = ["bc_conv_vae", "vae_nn", "bvae", "bvae_per_pixel", "bvae_original"]
+
+
+@pytest.mark.parametrize("name, n_cells, policies, episodes", [
+    ("bvae_writeup", 25, WRITEUP, [8]),
+    ("bvae_writeup_budget", 5, WRITEUP, [8]),
+    ("bvae_writeup_ablations", 45, [*WRITEUP, "bvae_without_action_supervised", "bvae_without_obs_supervised",
+                                    "bvae_without_obs_recon", "bvae_without_action_recon"], [8]),
+    ("bvae_writeup_data", 75, WRITEUP, [8, 16, 32]),
+])
+def test_the_writeup_benchmarks_compose_into_their_grids(name, n_cells, policies, episodes):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="benchmark", overrides=[f"benchmark={name}"])
+    cells = plan_cells(cfg.benchmark)
+    assert len(cells) == n_cells and list(cfg.benchmark.policies) == policies and list(cfg.benchmark.train_episodes) == episodes
+    assert {c.task for c in cells} == {"metaworld_push_image"} and sorted({c.seed for c in cells}) == ([0] if "budget" in name else [0, 1, 2, 3, 4])
+    # the extensions add cells to the same directory, whose finished cells they share
+    assert cfg.out == ("outputs/benchmark/bvae_writeup_budget" if "budget" in name else "outputs/benchmark/bvae_writeup")
+    ablation = next((c for c in cells if c.policy == "bvae_without_obs_recon"), None)
+    assert ablation is None or (ablation.policy_config, ablation.policy_overrides) == ("bvae", ("policy.loss_weights.obs_recon=0",))
+
+
 def test_the_slurm_launcher_configuration_composes():
     from hydra import compose, initialize_config_dir
 

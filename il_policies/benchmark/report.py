@@ -11,6 +11,7 @@ import csv
 import json
 import math
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from itertools import combinations
 from pathlib import Path
 
@@ -107,9 +108,16 @@ def paired_differences(rows: list[dict]) -> list[tuple]:
     return out
 
 
-def plot_curves(rows: list[dict], out: Path) -> list[Path]:
-    """Per task and number of training episodes: success and validation loss against step and
-    against wall time, one curve per policy (mean over seeds, 95 % t band)."""
+def curve_value(row: Mapping, key: str) -> float | None:
+    """A curve row's `key`; BC logs its action error as `action_mse`, the VAEs' `action_supervised`."""
+    if key in row:
+        return row[key]
+    return row.get(key.replace("action_supervised", "action_mse")) if "action_supervised" in key else None
+
+
+def plot_curves(rows: list[dict], out: Path, keys: Sequence[str] = (SUCCESS, VAL_LOSS)) -> list[Path]:
+    """Per task and number of training episodes: each of `keys` (one row of plots each) against
+    step and against wall time, one curve per policy (mean over seeds, 95 % t band)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,14 +128,14 @@ def plot_curves(rows: list[dict], out: Path) -> list[Path]:
     for r in rows:
         by_plot[(r["task"], r["train_episodes"])][r["policy"]].append(r)
     for (task, episodes), policies in sorted(by_plot.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
-        fig, axes = plt.subplots(2, 2, figsize=(10, 7), squeeze=False)
+        fig, axes = plt.subplots(len(keys), 2, figsize=(10, 3.5 * len(keys)), squeeze=False)
         for policy, runs in sorted(policies.items()):
             curves = [{c["step"]: c for c in read_curves(out / "cells" / r["cell"] / "metrics.jsonl")} for r in runs]
-            for row, key in enumerate((SUCCESS, VAL_LOSS)):
-                steps = sorted(set.intersection(*[{step for step, c in curve.items() if key in c} for curve in curves]))
+            for row, key in enumerate(keys):
+                steps = sorted(set.intersection(*[{s for s, c in curve.items() if curve_value(c, key) is not None} for curve in curves]))
                 if not steps:
                     continue
-                values = np.array([[curve[s][key] for s in steps] for curve in curves])
+                values = np.array([[curve_value(curve[s], key) for s in steps] for curve in curves])
                 elapsed = np.array([[curve[s]["elapsed_s"] for s in steps] for curve in curves])
                 bands = np.array([mean_ci(values[:, i]) for i in range(len(steps))])
                 for col, x in enumerate((np.array(steps), elapsed.mean(axis=0) / 60)):
@@ -136,7 +144,7 @@ def plot_curves(rows: list[dict], out: Path) -> list[Path]:
                     if len(runs) > 1:
                         ax.fill_between(x, bands[:, 1], bands[:, 2], alpha=0.2)
                     ax.set_xlabel("training step" if col == 0 else "wall time (min)")
-                    ax.set_ylabel("success rate" if key == SUCCESS else "validation loss")
+                    ax.set_ylabel(key)
         for ax in axes.flat:
             if ax.lines:
                 ax.legend(fontsize=8)
@@ -149,12 +157,12 @@ def plot_curves(rows: list[dict], out: Path) -> list[Path]:
     return written
 
 
-def write_report(out: Path, metrics: list[str] = (SUCCESS, VAL_LOSS)) -> str:
+def write_report(out: Path, metrics: Sequence[str] = (SUCCESS, VAL_LOSS), curves: Sequence[str] = (SUCCESS, VAL_LOSS)) -> str:
     rows = load_results(out)
     if not rows:
         return "no finished cells yet\n"
     write_csv(rows, out / "results.csv")
     table = markdown_table(rows, list(metrics))
     (out / "table.md").write_text(table)
-    plot_curves(rows, out)
+    plot_curves(rows, out, list(curves))
     return table
