@@ -43,8 +43,9 @@ def test_an_exact_inverse_pair_scores_one_everywhere():
     policy = policy_from_yaml("bvae", META)
     with_networks(policy, lambda z: ({"low_dim": z.clone()}, {"low_dim": torch.zeros_like(z)}), identity_encode)
     train, val = batches(policy, seed=0), batches(policy, seed=1)
-    checks = decoder_checks(policy, train, val)
+    checks = decoder_checks(policy, lambda: train, lambda: val)
     assert checks["generative/decoded_explained/low_dim"] == pytest.approx(1.0, abs=1e-6)
+    assert checks["generative/decoded_explained_train/low_dim"] == pytest.approx(1.0, abs=1e-6)
     for i in range(3):
         assert checks[f"generative/traversal/slope_{i}"] == pytest.approx(1.0, abs=1e-5)
     # one SD along one of 3 coordinates moves the decoded vector by 1/sqrt(3) RMS, against the data's RMS spread
@@ -59,8 +60,9 @@ def test_a_decoder_that_ignores_its_input_scores_zero():
     mean = training_mean(policy, train)["low_dim"]
     with_networks(policy, lambda z: ({"low_dim": mean.expand(z.shape[0], -1).clone()}, {"low_dim": torch.zeros_like(z)}),
                   identity_encode)
-    checks = decoder_checks(policy, train, val)
+    checks = decoder_checks(policy, lambda: train, lambda: val)
     assert checks["generative/decoded_explained/low_dim"] == pytest.approx(0.0, abs=1e-6)
+    assert checks["generative/decoded_explained_train/low_dim"] == pytest.approx(0.0, abs=1e-6)  # the mean itself
     assert checks["generative/traversal/slope"] == pytest.approx(0.0, abs=1e-6)
     assert checks["generative/traversal/change_low_dim"] == 0.0
 
@@ -72,7 +74,7 @@ def test_an_invisible_code_is_told_apart_from_a_visible_edit():
     mean = training_mean(policy, train)["low_dim"]
     with_networks(policy, lambda z: ({"low_dim": mean + 1e-4 * z}, {"low_dim": torch.zeros_like(z)}),
                   lambda packed: identity_encode({"low_dim": (packed["low_dim"] - mean) / 1e-4}))
-    checks = decoder_checks(policy, train, val)
+    checks = decoder_checks(policy, lambda: train, lambda: val)
     assert checks["generative/traversal/slope"] == pytest.approx(1.0, abs=1e-2)
     assert checks["generative/traversal/change_low_dim"] < 1e-3
     assert checks["generative/decoded_explained/low_dim"] == pytest.approx(0.0, abs=1e-3)
@@ -81,7 +83,7 @@ def test_an_invisible_code_is_told_apart_from_a_visible_edit():
 def test_the_checks_leave_the_policy_in_its_mode_and_unchanged():
     policy = policy_from_yaml("bvae", META).train()
     before = {k: v.clone() for k, v in policy.state_dict().items()}
-    decoder_checks(policy, batches(policy, seed=0), batches(policy, seed=1))
+    decoder_checks(policy, lambda: batches(policy, seed=0), lambda: batches(policy, seed=1))
     assert policy.training
     for key, value in policy.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)

@@ -250,7 +250,7 @@ class Workspace:
         terms |= {k.replace("action_mse", "action_supervised"): v for k, v in terms.items() if k.endswith("action_mse")}
         if hasattr(self.policy, "decoder_latent") and len(self.val_dataset):
             with self._inference_weights():
-                terms |= decoder_checks(self.policy, self._all_batches(self.dataset), self._all_batches(self.val_dataset))
+                terms |= decoder_checks(self.policy, lambda: self._all_batches(self.dataset), lambda: self._all_batches(self.val_dataset))
         return terms
 
     def _all_batches(self, dataset: SequenceDataset):
