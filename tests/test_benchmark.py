@@ -79,6 +79,12 @@ def test_paired_differences_use_only_the_common_seeds():
     assert mean == pytest.approx(((0.7 - 0.5) + (0.9 - 0.6)) / 2) and low < mean < high
 
 
+def test_the_table_reads_bcs_action_mse_as_action_supervised():
+    bc = {**_row("bc", 0, 0.5), "metrics": {"terms/val/action_mse": 0.25}}
+    table = markdown_table([bc], ["terms/val/action_supervised"])
+    assert "| push | 8 | bc | 1 | 0.2500 |" in table
+
+
 def test_a_group_mixing_code_versions_is_marked():
     one_version = markdown_table([_row("a", 0, 0.5), _row("a", 1, 0.7)])
     assert "†" not in one_version and "Code version: abc." in one_version

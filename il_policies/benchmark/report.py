@@ -74,7 +74,7 @@ def markdown_table(rows: list[dict], metrics: list[str] = (SUCCESS, VAL_LOSS)) -
     for (task, episodes, policy), group in sorted(_group(rows).items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2])):
         cells = []
         for key in metrics:
-            values = [r["metrics"][key] for r in group if key in r["metrics"]]
+            values = [v for r in group if (v := curve_value(r["metrics"], key)) is not None]
             cells.append(_fmt(*mean_ci(values), digits=2 if key == SUCCESS else 4) if values else "—")
         wall = _fmt(*mean_ci([r["wall_time_s"] / 60 for r in group]), digits=1)
         mark = " †" if len({r["code_version"] for r in group}) > 1 else ""
