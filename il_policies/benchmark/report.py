@@ -129,6 +129,7 @@ def plot_curves(rows: list[dict], out: Path, keys: Sequence[str] = (SUCCESS, VAL
         by_plot[(r["task"], r["train_episodes"])][r["policy"]].append(r)
     for (task, episodes), policies in sorted(by_plot.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         fig, axes = plt.subplots(len(keys), 2, figsize=(10, 3.5 * len(keys)), squeeze=False)
+        colors = {policy: f"C{i % 10}" for i, policy in enumerate(sorted(policies))}  # one colour per policy in every panel
         for policy, runs in sorted(policies.items()):
             curves = [{c["step"]: c for c in read_curves(out / "cells" / r["cell"] / "metrics.jsonl")} for r in runs]
             for row, key in enumerate(keys):
@@ -140,9 +141,9 @@ def plot_curves(rows: list[dict], out: Path, keys: Sequence[str] = (SUCCESS, VAL
                 bands = np.array([mean_ci(values[:, i]) for i in range(len(steps))])
                 for col, x in enumerate((np.array(steps), elapsed.mean(axis=0) / 60)):
                     ax = axes[row, col]
-                    ax.plot(x, bands[:, 0], marker="o", label=f"{policy} ({len(runs)} seeds)")
+                    ax.plot(x, bands[:, 0], marker="o", markersize=3, color=colors[policy], label=f"{policy} ({len(runs)} seeds)")
                     if len(runs) > 1:
-                        ax.fill_between(x, bands[:, 1], bands[:, 2], alpha=0.2)
+                        ax.fill_between(x, bands[:, 1], bands[:, 2], color=colors[policy], alpha=0.2)
                     ax.set_xlabel("training step" if col == 0 else "wall time (min)")
                     ax.set_ylabel(key)
         for ax in axes.flat:
