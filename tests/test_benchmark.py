@@ -116,8 +116,8 @@ WRITEUP = ["bc_conv_vae", "vae_nn", "bvae", "bvae_per_pixel", "bvae_original"]
 @pytest.mark.parametrize("name, n_cells, policies, episodes", [
     ("bvae_writeup", 25, WRITEUP, [8]),
     ("bvae_writeup_budget", 5, WRITEUP, [8]),
-    ("bvae_writeup_ablations", 45, [*WRITEUP, "bvae_without_action_supervised", "bvae_without_obs_supervised",
-                                    "bvae_without_obs_recon", "bvae_without_action_recon"], [8]),
+    ("bvae_writeup_ablations", 50, [*WRITEUP, "bvae_without_action_supervised", "bvae_without_obs_supervised",
+                                    "bvae_without_obs_recon", "bvae_without_action_recon", "bvae_wide"], [8]),
     ("bvae_writeup_data", 75, WRITEUP, [8, 16, 32]),
 ])
 def test_the_writeup_benchmarks_compose_into_their_grids(name, n_cells, policies, episodes):
