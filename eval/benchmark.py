@@ -105,7 +105,8 @@ def main(cfg: DictConfig) -> None:
                       file=sys.stderr)
         default = ["eval/success_rate", "val/loss"]
         metrics, curves = cfg.benchmark.get("metrics") or default, cfg.benchmark.get("curves") or default
-        print(write_report(out, list(metrics), list(curves)), end="")
+        paired = cfg.benchmark.get("paired") or ["eval/success_rate"]
+        print(write_report(out, list(metrics), list(curves), list(paired)), end="")
         if any(not c.done(out) for c in cells):
             sys.exit(1)
     except (BenchmarkError, RuntimeError, ValueError) as error:

@@ -79,6 +79,15 @@ def test_paired_differences_use_only_the_common_seeds():
     assert mean == pytest.approx(((0.7 - 0.5) + (0.9 - 0.6)) / 2) and low < mean < high
 
 
+def test_paired_differences_of_any_metric():
+    rows = [{**_row(p, seed, 0.0), "metrics": {"terms/val/action_supervised" if p == "b" else "terms/val/action_mse": v}}
+            for p, seed, v in (("a", 0, 1.0), ("a", 1, 2.0), ("b", 0, 0.5), ("b", 1, 1.0))]
+    [(_, _, a, b, n, mean, _, _)] = paired_differences(rows, "terms/val/action_supervised")
+    assert (a, b, n) == ("a", "b", 2) and mean == pytest.approx(0.75)
+    table = markdown_table(rows, ["terms/val/action_supervised"], ["terms/val/action_supervised"])
+    assert "| terms/val/action_supervised: A - B |" in table and "| a - b | 2 | 0.7500 [" in table
+
+
 def test_the_table_reads_bcs_action_mse_as_action_supervised():
     bc = {**_row("bc", 0, 0.5), "metrics": {"terms/val/action_mse": 0.25}}
     table = markdown_table([bc], ["terms/val/action_supervised"])

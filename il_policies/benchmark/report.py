@@ -65,9 +65,9 @@ def _group(rows: list[dict]) -> dict[tuple, list[dict]]:
     return groups
 
 
-def markdown_table(rows: list[dict], metrics: list[str] = (SUCCESS, VAL_LOSS)) -> str:
-    """Means over seeds of each of `metrics` with 95 % t intervals, then paired differences of
-    success where seeds match. A metric a run does not report shows as —."""
+def markdown_table(rows: list[dict], metrics: Sequence[str] = (SUCCESS, VAL_LOSS), paired: Sequence[str] = (SUCCESS,)) -> str:
+    """Means over seeds of each of `metrics` with 95 % t intervals, then paired differences of each
+    of `paired` where seeds match. A metric a run does not report shows as —."""
     versions = sorted({r["code_version"] for r in rows})
     lines = ["| task | training episodes | policy | seeds | " + " | ".join(metrics) + " | wall time (min) |",
              "|---|---|---|---|" + "---|" * len(metrics) + "---|"]
@@ -80,10 +80,13 @@ def markdown_table(rows: list[dict], metrics: list[str] = (SUCCESS, VAL_LOSS)) -
         mark = " †" if len({r["code_version"] for r in group}) > 1 else ""
         lines.append(f"| {task} | {episodes or 'all'} | {policy}{mark} | {len(group)} | {' | '.join(cells)} | {wall} |")
     lines += ["", "Means over seeds with 95 % Student-t intervals [low, high]."]
-    paired = paired_differences(rows)
-    if paired:
-        lines += ["", "| task | training episodes | success: A - B | seeds paired | difference [95 % interval] |", "|---|---|---|---|---|"]
-        lines += [f"| {t} | {e or 'all'} | {a} - {b} | {n} | {_fmt(m, lo, hi)} |" for t, e, a, b, n, m, lo, hi in paired]
+    for key in paired:
+        differences = paired_differences(rows, key)
+        if differences:
+            name = "success" if key == SUCCESS else key
+            digits = 2 if key == SUCCESS else 4
+            lines += ["", f"| task | training episodes | {name}: A - B | seeds paired | difference [95 % interval] |", "|---|---|---|---|---|"]
+            lines += [f"| {t} | {e or 'all'} | {a} - {b} | {n} | {_fmt(m, lo, hi, digits)} |" for t, e, a, b, n, m, lo, hi in differences]
     if len(versions) > 1:
         lines += ["", f"† this group mixes code versions. Versions in this table: {', '.join(versions)}."]
     else:
@@ -92,16 +95,17 @@ def markdown_table(rows: list[dict], metrics: list[str] = (SUCCESS, VAL_LOSS)) -
     return "\n".join(lines) + "\n"
 
 
-def paired_differences(rows: list[dict]) -> list[tuple]:
-    """Success of policy A minus policy B on the same task, training episodes and seeds (the same
-    episode split): (task, episodes, A, B, n, mean, low, high) for every pair with >= 2 common seeds."""
+def paired_differences(rows: list[dict], key: str = SUCCESS) -> list[tuple]:
+    """`key` (success by default) of policy A minus policy B on the same task, training episodes and
+    seeds (the same episode split): (task, episodes, A, B, n, mean, low, high) for every pair with
+    >= 2 common seeds."""
     out = []
     by_key = _group(rows)
     for task, episodes in sorted({(t, e) for t, e, _ in by_key}, key=lambda k: (k[0], str(k[1]))):
         policies = sorted(p for t, e, p in by_key if (t, e) == (task, episodes))
         for a, b in combinations(policies, 2):
-            sa = {r["seed"]: r["metrics"].get(SUCCESS) for r in by_key[(task, episodes, a)]}
-            sb = {r["seed"]: r["metrics"].get(SUCCESS) for r in by_key[(task, episodes, b)]}
+            sa = {r["seed"]: curve_value(r["metrics"], key) for r in by_key[(task, episodes, a)]}
+            sb = {r["seed"]: curve_value(r["metrics"], key) for r in by_key[(task, episodes, b)]}
             common = sorted(s for s in set(sa) & set(sb) if sa[s] is not None and sb[s] is not None)
             if len(common) >= 2:
                 out.append((task, episodes, a, b, len(common), *mean_ci([sa[s] - sb[s] for s in common])))
@@ -158,12 +162,13 @@ def plot_curves(rows: list[dict], out: Path, keys: Sequence[str] = (SUCCESS, VAL
     return written
 
 
-def write_report(out: Path, metrics: Sequence[str] = (SUCCESS, VAL_LOSS), curves: Sequence[str] = (SUCCESS, VAL_LOSS)) -> str:
+def write_report(out: Path, metrics: Sequence[str] = (SUCCESS, VAL_LOSS), curves: Sequence[str] = (SUCCESS, VAL_LOSS),
+                 paired: Sequence[str] = (SUCCESS,)) -> str:
     rows = load_results(out)
     if not rows:
         return "no finished cells yet\n"
     write_csv(rows, out / "results.csv")
-    table = markdown_table(rows, list(metrics))
+    table = markdown_table(rows, list(metrics), list(paired))
     (out / "table.md").write_text(table)
     plot_curves(rows, out, list(curves))
     return table
