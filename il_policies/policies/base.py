@@ -182,6 +182,13 @@ class Policy(nn.Module, abc.ABC):
         chunk = self._run_network(self._stacked_history(), generator)[:, now:]
         return self._deliver(chunk, batched, as_numpy)
 
+    def observe(self, obs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Add one step of robot observations to the history without running the network; -> the
+        network's input for this step, `{key: (B, n_obs_steps, *shape)}`, which
+        `predict_action_chunk` accepts (e.g. in another thread: `il_policies.chunk_executor`)."""
+        self._observe(obs)
+        return self._stacked_history()
+
     def _observe(self, obs: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], bool, bool]:
         checked, batched, as_numpy = check_observation(obs, self.shape_meta)
         step = self.prepare_obs(checked)
