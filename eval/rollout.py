@@ -2,6 +2,7 @@
 
     python eval/rollout.py checkpoint=outputs/.../checkpoints/best.pt n_episodes=50
     python eval/rollout.py policy=expert task=metaworld_push
+    python eval/rollout.py checkpoint=... latency_steps=5 blend=linear   # asynchronous chunks, simulated delay
 
 Writes metrics.json and mp4 videos of the first `n_videos` episodes to the Hydra run directory.
 """
@@ -16,6 +17,7 @@ from omegaconf import DictConfig
 
 from il_policies import load_policy
 from il_policies.checkpoint import CheckpointError
+from il_policies.chunk_executor import ChunkExecutorActor
 from il_policies.envs import make_task, task_from_config
 from il_policies.rollout import ExpertActor, PolicyActor, check_policy_matches_task, eval_seeds, run_rollouts
 from il_policies.training.validate import check_device, check_integers
@@ -47,15 +49,25 @@ def main(cfg: DictConfig) -> None:
                     raise ValueError(f"checkpoint {cfg.checkpoint} was trained on a plain dataset: give task=NAME")
                 task = make_task(meta["suite"], meta["env_name"], bool(meta.get("image")), **(meta.get("env_options") or {}))
             check_policy_matches_task(policy.shape_meta, task, source=f"checkpoint {cfg.checkpoint}")
-            actor = PolicyActor(policy)
+            if cfg.latency_steps is None:
+                actor = PolicyActor(policy)
+            else:
+                check_integers({"latency_steps": cfg.latency_steps}, minimum=0)
+                actor = ChunkExecutorActor(policy, cfg.n_envs, cfg.latency_steps, blend=cfg.blend, threshold=cfg.threshold)
     except (CheckpointError, ValueError) as error:
         sys.exit(f"error: {error}")
     result, _ = run_rollouts(
         task, actor, eval_seeds(cfg.n_episodes, cfg.seed_start), n_envs=cfg.n_envs,
         asynchronous=cfg.asynchronous, video_dir=output_dir / "videos", n_videos=cfg.n_videos,
     )
-    result.write_json(output_dir / "metrics.json")
-    print(json.dumps({"task": task.name, "policy": cfg.policy.name if cfg.get("policy") else cfg.checkpoint, **result.summary(), "videos": result.videos}))
+    extra = {}
+    if isinstance(actor, ChunkExecutorActor):  # how smoothly the chunks joined
+        jumps = actor.boundary_jumps
+        extra = {"latency_steps": cfg.latency_steps, "blend": cfg.blend, "chunk_boundaries": len(jumps),
+                 "boundary_jump_max": max(jumps, default=0.0), "boundary_jump_mean": sum(jumps) / len(jumps) if jumps else 0.0}
+    result.write_json(output_dir / "metrics.json", extra)
+    print(json.dumps({"task": task.name, "policy": cfg.policy.name if cfg.get("policy") else cfg.checkpoint, **result.summary(),
+                      **extra, "videos": result.videos}))
 
 
 if __name__ == "__main__":

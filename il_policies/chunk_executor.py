@@ -87,11 +87,14 @@ class ChunkExecutor:
         self._plan = torch.empty(0)  # (n, A): the actions for steps self.step, self.step + 1, ...
         self._counts = torch.empty(0, dtype=torch.long)  # predictions blended into each planned step
         self._pending: tuple[int, Future | torch.Tensor, int | None] | None = None  # (requested at, result, ready at)
+        self._last_action: torch.Tensor | None = None
+        self._merged = False  # a chunk came in since the last action was served
 
     def reset_counters(self) -> None:
         self.stalls = 0  # steps that waited for an inference
         self.stale_chunks = 0  # chunks that arrived after all their actions' steps had passed
         self.inferences = 0
+        self.boundary_jumps: list[float] = []  # L2 between the action before and the first after a chunk came in
 
     def reset(self) -> None:
         """Start a new episode: wait out an inference in flight, forget the plan and the history."""
@@ -137,6 +140,9 @@ class ChunkExecutor:
             if not len(self._plan):  # the chunk arrived stale even so (a latency longer than the chunk)
                 raise RuntimeError(f"the chunk requested at step {self.step} had no action left for step {self.step} when it arrived")
         action, self._plan, self._counts = self._plan[0], self._plan[1:], self._counts[1:]
+        if self._merged and self._last_action is not None:
+            self.boundary_jumps.append(float(torch.linalg.vector_norm(action - self._last_action)))
+        self._last_action, self._merged = action, False
         self.step += 1
         return action.cpu().numpy() if as_numpy else action
 
@@ -189,6 +195,7 @@ class ChunkExecutor:
         if not len(new):
             self.stale_chunks += 1
             return
+        self._merged = True
         n = min(len(self._plan), len(new))
         weights = blend_weights(n, self.blend, self._counts[:n], self.ensemble_coeff).to(new)[:, None]
         blended = (1 - weights) * self._plan[:n].to(new) + weights * new[:n] if n else new[:0]
@@ -197,4 +204,27 @@ class ChunkExecutor:
         self._counts = torch.cat([counts, torch.ones(len(new) - n, dtype=torch.long)])
 
 
-__all__ = ["BLENDS", "ChunkExecutor", "blend_weights"]
+class ChunkExecutorActor:
+    """The rollout harness's actor (`il_policies.rollout.Actor`) for asynchronous execution in
+    simulation: one ChunkExecutor per parallel env, each on its own episode view of the policy,
+    with a simulated inference latency of `latency_steps` control steps."""
+
+    def __init__(self, policy: Any, n_envs: int, latency_steps: int, **options):
+        self.executors = [ChunkExecutor(policy.episode_view(), latency_steps=latency_steps, **options) for _ in range(n_envs)]
+
+    def reset(self, seeds) -> None:
+        for executor in self.executors:
+            executor.reset()
+
+    def act(self, obs, infos):
+        import numpy as np
+
+        return np.stack([executor.select_action({key: value[i] for key, value in obs.items()})
+                         for i, executor in enumerate(self.executors)])
+
+    @property
+    def boundary_jumps(self) -> list[float]:
+        return [jump for executor in self.executors for jump in executor.boundary_jumps]
+
+
+__all__ = ["BLENDS", "ChunkExecutor", "ChunkExecutorActor", "blend_weights"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -26,11 +26,13 @@ class LoopReport:
     latency_p99_ms: float
     step_p99_ms: float  # observation + select_action + send
     deadline_misses: int  # steps whose work overran the period
+    stalls: int = 0  # asynchronous: steps that waited for an inference (the first step of an episode does)
 
     def __str__(self) -> str:
         return (
             f"{self.n_steps} steps at {self.rate_hz:g} Hz: select_action p50 {self.latency_p50_ms:.2f} ms, "
             f"p99 {self.latency_p99_ms:.2f} ms; whole step p99 {self.step_p99_ms:.2f} ms; {self.deadline_misses} deadline misses"
+            + (f"; {self.stalls} steps waited for a chunk" if self.stalls else "")
         )
 
 
@@ -43,14 +45,26 @@ def run_control_loop(
     reset: bool = True,
     clock: Callable[[], float] = time.perf_counter,
     sleep: Callable[[float], None] = time.sleep,
+    asynchronous: bool = False,
+    **executor_options,
 ) -> LoopReport:
     """Call `send_action(policy.select_action(get_observation()))` every 1 / rate_hz seconds.
 
     A step that overruns its period counts as a deadline miss, and the schedule restarts from
-    now instead of firing late steps back to back.
+    now instead of firing late steps back to back. `asynchronous=True` serves the actions through
+    a `ChunkExecutor` (`il_policies.chunk_executor`; `executor_options` such as `blend`,
+    `threshold`): the next chunk is computed in a background thread while the current one runs.
     """
     if rate_hz <= 0:
         raise ValueError(f"rate_hz must be positive, got {rate_hz}")
+    if asynchronous:
+        from il_policies.chunk_executor import ChunkExecutor
+
+        with ChunkExecutor(policy, rate_hz=rate_hz, **executor_options) as executor:
+            if reset:
+                executor.reset()
+            report = run_control_loop(executor, get_observation, send_action, rate_hz, n_steps, reset=False, clock=clock, sleep=sleep)
+            return replace(report, stalls=executor.stalls)
     period = 1.0 / rate_hz
     if reset:
         policy.reset()

@@ -102,9 +102,9 @@ class RolloutResult:
             "wall_time_s": self.wall_time_s,
         }
 
-    def write_json(self, path: Path) -> Path:
+    def write_json(self, path: Path, extra: dict | None = None) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**self.summary(), **asdict(self)}, indent=2))
+        path.write_text(json.dumps({**self.summary(), **(extra or {}), **asdict(self)}, indent=2))
         return path
 
 

@@ -221,3 +221,15 @@ def test_serve_command_binds_loopback_and_answers(chunked_checkpoint, backend):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_asynchronous_control_loop_serves_every_step_and_counts_the_waits():
+    from tests.test_chunk_executor import StepPolicy
+
+    policy, sent, steps = StepPolicy(horizon=8), [], iter(range(1000))
+    observe = lambda: {"t": np.array([next(steps)], dtype=np.float32)}  # noqa: E731
+    report = run_control_loop(policy, observe, sent.append, rate_hz=1000, n_steps=40, asynchronous=True, threshold=3,
+                              clock=lambda: 0.0, sleep=lambda s: None)
+    np.testing.assert_allclose(np.stack(sent)[:, 0], np.arange(40))  # aligned, whatever the worker's timing
+    assert report.n_steps == 40 and report.stalls >= 1  # the first step waits for the first chunk
+    assert not any(t.name.startswith("chunk-inference") for t in threading.enumerate())  # the worker is shut down

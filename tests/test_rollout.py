@@ -190,6 +190,16 @@ def test_generate_train_bc_and_roll_out_on_metaworld(tmp_path):
     assert rollout.returncode == 0, rollout.stderr[-3000:]
     assert json.loads(rollout.stdout.strip().splitlines()[-1])["success_rate"] >= 0.8
 
+    delayed = subprocess.run(  # asynchronous execution with chunks arriving one step late
+        [sys.executable, "eval/rollout.py", f"checkpoint={tmp_path / 'run/checkpoints/best.pt'}", "n_episodes=10",
+         "n_videos=0", "latency_steps=1", "blend=replace", f"hydra.run.dir={tmp_path / 'delayed'}"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600,
+    )
+    assert delayed.returncode == 0, delayed.stderr[-3000:]
+    summary = json.loads(delayed.stdout.strip().splitlines()[-1])
+    assert summary["latency_steps"] == 1 and summary["chunk_boundaries"] > 10 and summary["boundary_jump_max"] >= 0
+    assert json.loads((tmp_path / "delayed" / "metrics.json").read_text())["blend"] == "replace"
+
 
 def test_workspace_evaluates_periodically_through_the_harness(reach_store, tmp_path):
     from il_policies.checkpoint import read_checkpoint
@@ -212,3 +222,26 @@ def test_workspace_evaluates_periodically_through_the_harness(reach_store, tmp_p
     assert summary["eval/success_rate"] == 0.0 and summary["eval/mean_length"] == 30
     best = read_checkpoint(tmp_path / "checkpoints" / "best.pt")
     assert "eval/success_rate" in best["metrics"] and best["task_meta"]["env_name"] == "reach-v3"
+
+
+def test_asynchronous_chunks_in_simulation(reach_store, tmp_path):
+    """The harness runs a policy through one ChunkExecutor per env: with no latency it is the
+    synchronous policy step for step; with a simulated latency it runs and reports chunk joins."""
+    from il_policies.chunk_executor import ChunkExecutorActor
+    from il_policies.rollout import PolicyActor
+    from il_policies.training import Workspace
+    from tests.conftest import make_cfg
+
+    cfg = make_cfg(["policy=bc", "policy.hidden_dims=[16]", "policy.horizon=4", "policy.n_action_steps=4", "task=metaworld_reach",
+                    f"task.dataset_path={reach_store}", "training.steps=20", "training.batch_size=8", "eval.n_episodes=0"])
+    workspace = Workspace(cfg, tmp_path)
+    workspace.run()
+    policy, task, seeds = workspace.policy, make_task_by_name("metaworld_reach", max_episode_steps=60), eval_seeds(2)
+    synchronous, _ = run_rollouts(task, PolicyActor(policy), seeds, n_envs=2)
+    unhurried, _ = run_rollouts(task, ChunkExecutorActor(policy, 2, latency_steps=0, blend="replace", threshold=1), seeds, n_envs=2)
+    # the same actions up to float rounding (the synchronous actor runs both envs in one batch of 2)
+    assert unhurried.returns == pytest.approx(synchronous.returns, rel=1e-4) and unhurried.lengths == synchronous.lengths
+    delayed_actor = ChunkExecutorActor(policy, 2, latency_steps=2, blend="linear")
+    delayed, _ = run_rollouts(task, delayed_actor, seeds, n_envs=2)
+    assert delayed.n_episodes == 2 and delayed.returns != pytest.approx(synchronous.returns, rel=1e-3)  # the chunks came later
+    assert len(delayed_actor.boundary_jumps) >= 2 * (60 // 4 - 1) and all(j >= 0 for j in delayed_actor.boundary_jumps)
