@@ -39,30 +39,34 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import torch
+import numpy as np
 
 BLENDS = ("replace", "linear", "ensemble")
 
 
-def blend_weights(n: int, mode: str, previous_counts: torch.Tensor | None = None, coeff: float = 0.01) -> torch.Tensor:
+def blend_weights(n: int, mode: str, previous_counts: np.ndarray | None = None, coeff: float = 0.01) -> np.ndarray:
     """Weight of the new chunk at each of `n` overlapping steps (the plan gets 1 - weight).
     `ensemble` needs how many predictions each step already holds (`previous_counts`)."""
     if mode == "replace":
-        return torch.ones(n)
+        return np.ones(n)
     if mode == "linear":
-        return torch.arange(1, n + 1, dtype=torch.float32) / (n + 1)
+        return np.arange(1, n + 1) / (n + 1)
     if mode == "ensemble":
-        counts = previous_counts.to(torch.float32)
+        counts = np.asarray(previous_counts, dtype=np.float64)
         # weights exp(-k j) for the j-th prediction of a step: the plan holds predictions 0..c-1
         # (total weight sum_j<c exp(-k j)); the new one is the c-th.
-        new = torch.exp(-coeff * counts)
-        held = (1 - torch.exp(-coeff * counts)) / (1 - math.exp(-coeff)) if coeff else counts
+        new = np.exp(-coeff * counts)
+        held = (1 - np.exp(-coeff * counts)) / (1 - math.exp(-coeff)) if coeff else counts
         return new / (new + held)
     raise ValueError(f"blend must be one of {', '.join(BLENDS)}, got {mode!r}")
 
 
 class ChunkExecutor:
-    """Runs `policy.predict_action_chunk` ahead of time and serves its actions step by step."""
+    """Runs `policy.predict_action_chunk` ahead of time and serves its actions step by step (numpy).
+
+    `policy` needs `reset()`, `observe(obs)` (adds a step to its history, returns the input of
+    `predict_action_chunk`) and `predict_action_chunk(input)` -> `(1, n, A)` raw actions (torch or
+    numpy): a `Policy`, or the policy server's client (`PolicyClient(asynchronous=True)`)."""
 
     def __init__(self, policy: Any, rate_hz: float | None = None, threshold: int | None = None, blend: str = "linear",
                  ensemble_coeff: float = 0.01, latency_steps: int | None = None, clock: Callable[[], float] = time.perf_counter):
@@ -84,10 +88,10 @@ class ChunkExecutor:
     # ---- episode state ------------------------------------------------------------------------
     def _clear_episode(self) -> None:
         self.step = 0  # steps served this episode
-        self._plan = torch.empty(0)  # (n, A): the actions for steps self.step, self.step + 1, ...
-        self._counts = torch.empty(0, dtype=torch.long)  # predictions blended into each planned step
-        self._pending: tuple[int, Future | torch.Tensor, int | None] | None = None  # (requested at, result, ready at)
-        self._last_action: torch.Tensor | None = None
+        self._plan = np.empty((0, 0))  # (n, A): the actions for steps self.step, self.step + 1, ...
+        self._counts = np.empty(0, dtype=np.int64)  # predictions blended into each planned step
+        self._pending: tuple[int, Any, int | None] | None = None  # (requested at, Future | chunk | error, ready at)
+        self._last_action: np.ndarray | None = None
         self._merged = False  # a chunk came in since the last action was served
 
     def reset_counters(self) -> None:
@@ -125,11 +129,9 @@ class ChunkExecutor:
             return 1
         return math.ceil(1.5 * max(self._durations) * self.rate_hz) + 1
 
-    def select_action(self, obs: Mapping[str, Any]) -> Any:
-        as_numpy = not isinstance(next(iter(obs.values())), torch.Tensor)
+    def select_action(self, obs: Mapping[str, Any]) -> np.ndarray:
+        """One step of unbatched robot observations -> the action for this step, `(A,)` numpy."""
         model_obs = self.policy.observe(obs)
-        if next(iter(model_obs.values())).shape[0] != 1:
-            raise ValueError("the chunk executor serves one robot: give one step of unbatched observations")
         self._take_finished()
         if len(self._plan) < self.threshold and self._pending is None:
             self._request(model_obs)
@@ -141,12 +143,12 @@ class ChunkExecutor:
                 raise RuntimeError(f"the chunk requested at step {self.step} had no action left for step {self.step} when it arrived")
         action, self._plan, self._counts = self._plan[0], self._plan[1:], self._counts[1:]
         if self._merged and self._last_action is not None:
-            self.boundary_jumps.append(float(torch.linalg.vector_norm(action - self._last_action)))
+            self.boundary_jumps.append(float(np.linalg.norm(action - self._last_action)))
         self._last_action, self._merged = action, False
         self.step += 1
-        return action.cpu().numpy() if as_numpy else action
+        return action
 
-    def _request(self, model_obs: Mapping[str, torch.Tensor]) -> None:
+    def _request(self, model_obs: Any) -> None:
         self.inferences += 1
         if self._worker is None:  # simulated latency: computed now, delivered (or its error raised) latency_steps later
             try:
@@ -157,11 +159,14 @@ class ChunkExecutor:
         else:
             self._pending = (self.step, self._worker.submit(self._timed_chunk, model_obs), None)
 
-    def _timed_chunk(self, model_obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def _timed_chunk(self, model_obs: Any) -> np.ndarray:
         start = self.clock()
-        chunk = self.policy.predict_action_chunk(model_obs)[0]  # (horizon - current, A), clipped to the bounds
+        chunk = self.policy.predict_action_chunk(model_obs)  # (1, horizon - current, A), clipped to the bounds
+        chunk = np.asarray(chunk.cpu() if hasattr(chunk, "cpu") else chunk, dtype=np.float32)
         self._durations.append(self.clock() - start)
-        return chunk
+        if chunk.ndim != 3 or chunk.shape[0] != 1:
+            raise ValueError(f"the chunk executor serves one robot: predict_action_chunk gave shape {chunk.shape}, not (1, n, A)")
+        return chunk[0]
 
     def _wait_pending(self) -> None:
         if self._pending is not None and isinstance(self._pending[1], Future):
@@ -190,18 +195,18 @@ class ChunkExecutor:
                                f"{type(error).__name__}: {error}") from error
         self._merge(chunk[self.step - requested_at :])
 
-    def _merge(self, new: torch.Tensor) -> None:
+    def _merge(self, new: np.ndarray) -> None:
         """Blend `new` (actions for steps self.step, ...) into the plan over their overlap."""
         if not len(new):
             self.stale_chunks += 1
             return
         self._merged = True
         n = min(len(self._plan), len(new))
-        weights = blend_weights(n, self.blend, self._counts[:n], self.ensemble_coeff).to(new)[:, None]
-        blended = (1 - weights) * self._plan[:n].to(new) + weights * new[:n] if n else new[:0]
-        counts = self._counts[:n] + 1 if self.blend == "ensemble" else torch.ones(n, dtype=torch.long)
-        self._plan = torch.cat([blended, new[n:]])
-        self._counts = torch.cat([counts, torch.ones(len(new) - n, dtype=torch.long)])
+        weights = blend_weights(n, self.blend, self._counts[:n], self.ensemble_coeff).astype(np.float32)[:, None]
+        blended = (1 - weights) * self._plan[:n] + weights * new[:n] if n else new[:0]
+        counts = self._counts[:n] + 1 if self.blend == "ensemble" else np.ones(n, dtype=np.int64)
+        self._plan = np.concatenate([blended, new[n:]])
+        self._counts = np.concatenate([counts, np.ones(len(new) - n, dtype=np.int64)])
 
 
 class ChunkExecutorActor:
@@ -217,8 +222,6 @@ class ChunkExecutorActor:
             executor.reset()
 
     def act(self, obs, infos):
-        import numpy as np
-
         return np.stack([executor.select_action({key: value[i] for key, value in obs.items()})
                          for i, executor in enumerate(self.executors)])
 

@@ -233,3 +233,31 @@ def test_asynchronous_control_loop_serves_every_step_and_counts_the_waits():
     np.testing.assert_allclose(np.stack(sent)[:, 0], np.arange(40))  # aligned, whatever the worker's timing
     assert report.n_steps == 40 and report.stalls >= 1  # the first step waits for the first chunk
     assert not any(t.name.startswith("chunk-inference") for t in threading.enumerate())  # the worker is shut down
+
+
+def test_asynchronous_client_keeps_the_plan_on_the_robot(server, chunked_checkpoint):
+    local = load_policy(chunked_checkpoint)
+    observations = [{"state": np.random.default_rng(t).normal(size=5)} for t in range(12)]
+    local.reset()
+    expected = np.stack([local.select_action(o) for o in observations])
+    # threshold 1: a chunk is requested when the plan is empty, from that step's observation, as select_action does
+    with PolicyClient(f"ws://127.0.0.1:{server.port}", asynchronous=True, threshold=1, blend="replace") as client:
+        client.reset()
+        served = np.stack([client.select_action(o) for o in observations])
+        assert client._executor.stalls == 3 and client._executor.inferences == 3
+    np.testing.assert_allclose(served, expected, rtol=1e-6)
+    with PolicyClient(f"ws://127.0.0.1:{server.port}", asynchronous=True, rate_hz=50) as client:  # ahead of time
+        client.reset()
+        ahead = np.stack([client.select_action(o) for o in observations])
+        assert ahead.shape == (12, 3) and np.isfinite(ahead).all() and client._executor.inferences >= 3
+    assert not any(t.name.startswith("chunk-inference") for t in threading.enumerate())
+
+
+def test_asynchronous_client_refuses_an_observation_history(linear_store, tmp_path):
+    _, checkpoint = _train(linear_store, tmp_path, ["policy.n_obs_steps=2", "policy.horizon=4", "policy.n_action_steps=3"])
+    server = PolicyServer(load_policy(checkpoint), port=0).start_in_thread()
+    try:
+        with pytest.raises(ValueError, match="needs a policy with n_obs_steps = 1; the server's has 2"):
+            PolicyClient(f"ws://127.0.0.1:{server.port}", asynchronous=True)
+    finally:
+        server.stop()
