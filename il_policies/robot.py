@@ -27,6 +27,7 @@ class LoopReport:
     step_p99_ms: float  # observation + select_action + send
     deadline_misses: int  # steps whose work overran the period
     stalls: int = 0  # asynchronous: steps that waited for an inference (the first step of an episode does)
+    missed_steps: tuple[int, ...] = ()  # which steps overran (0: the first)
 
     def __str__(self) -> str:
         return (
@@ -68,9 +69,9 @@ def run_control_loop(
     period = 1.0 / rate_hz
     if reset:
         policy.reset()
-    latencies, step_times, misses = [], [], 0
+    latencies, step_times, missed = [], [], []
     next_tick = clock()
-    for _ in range(n_steps):
+    for index in range(n_steps):
         start = clock()
         observation = get_observation()
         before = clock()
@@ -81,9 +82,9 @@ def run_control_loop(
         step_times.append(end - start)
         next_tick += period
         if end > next_tick:
-            misses += 1
+            missed.append(index)
             next_tick = end
         else:
             sleep(next_tick - end)
     ms = lambda values, q: float(np.percentile(values, q) * 1000.0) if values else 0.0  # noqa: E731
-    return LoopReport(n_steps, rate_hz, ms(latencies, 50), ms(latencies, 99), ms(step_times, 99), misses)
+    return LoopReport(n_steps, rate_hz, ms(latencies, 50), ms(latencies, 99), ms(step_times, 99), len(missed), missed_steps=tuple(missed))

@@ -126,7 +126,7 @@ def test_control_loop_reports_latency_and_deadline_misses(chunked_checkpoint):
     policy = load_policy(chunked_checkpoint)
     sent = []
     report = run_control_loop(policy, lambda: {"state": np.zeros(5)}, sent.append, rate_hz=50, n_steps=10)
-    assert report.n_steps == 10 and len(sent) == 10 and report.deadline_misses == 0
+    assert report.n_steps == 10 and len(sent) == 10 and report.deadline_misses == 0 and report.missed_steps == ()
     assert 0 < report.latency_p50_ms <= report.latency_p99_ms
 
     class Slow:
@@ -138,7 +138,7 @@ def test_control_loop_reports_latency_and_deadline_misses(chunked_checkpoint):
             return np.zeros(3)
 
     slow = run_control_loop(Slow(), dict, lambda a: None, rate_hz=100, n_steps=5)
-    assert slow.deadline_misses == 5 and slow.latency_p50_ms >= 30
+    assert slow.deadline_misses == 5 and slow.missed_steps == (0, 1, 2, 3, 4) and slow.latency_p50_ms >= 30
 
 
 @pytest.fixture()
