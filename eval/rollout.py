@@ -53,7 +53,8 @@ def main(cfg: DictConfig) -> None:
                 actor = PolicyActor(policy)
             else:
                 check_integers({"latency_steps": cfg.latency_steps}, minimum=0)
-                actor = ChunkExecutorActor(policy, cfg.n_envs, cfg.latency_steps, blend=cfg.blend, threshold=cfg.threshold)
+                actor = ChunkExecutorActor(policy, cfg.n_envs, cfg.latency_steps, blend=cfg.blend, threshold=cfg.threshold,
+                                           commit_steps=cfg.commit_steps)
     except (CheckpointError, ValueError) as error:
         sys.exit(f"error: {error}")
     result, _ = run_rollouts(

@@ -25,6 +25,11 @@ Blending over the overlap of n steps (`blend`):
 - `ensemble`: ACT's temporal ensembling: every chunk's prediction for a step weighs
   exp(-k * j), j = 0 for the oldest prediction of that step (k = `ensemble_coeff`, 0.01 in ACT).
 
+`commit_steps=d` (real-time chunking, for policies that take a `prefix`: Diffusion Policy): each
+chunk is requested with the plan's next d actions, the ones the robot executes while the chunk is
+computed, and the policy generates a chunk that begins with them (inpainting), so that the new
+actions continue the committed ones instead of being blended with them afterwards.
+
 `threshold=None` derives it from the latency: `latency_steps + 1` when simulated, else
 ceil(1.5 * the slowest of the last 8 inferences * rate_hz) + 1 (the first inference, which the
 first step waits for, is the first measurement).
@@ -69,9 +74,15 @@ class ChunkExecutor:
     numpy): a `Policy`, or the policy server's client (`PolicyClient(asynchronous=True)`)."""
 
     def __init__(self, policy: Any, rate_hz: float | None = None, threshold: int | None = None, blend: str = "linear",
-                 ensemble_coeff: float = 0.01, latency_steps: int | None = None, clock: Callable[[], float] = time.perf_counter):
+                 ensemble_coeff: float = 0.01, latency_steps: int | None = None, commit_steps: int = 0,
+                 clock: Callable[[], float] = time.perf_counter):
         if blend not in BLENDS:
             raise ValueError(f"blend must be one of {', '.join(BLENDS)}, got {blend!r}")
+        if commit_steps and not getattr(policy, "accepts_prefix", False):
+            raise ValueError(f"commit_steps needs a policy that begins a chunk with given actions (Diffusion Policy), not {type(policy).__name__}"
+                             f"{' ' + repr(policy.name) if hasattr(policy, 'name') else ''}")
+        if commit_steps < 0:
+            raise ValueError(f"commit_steps must be >= 0, got {commit_steps}")
         if latency_steps is None and threshold is None and not (rate_hz and rate_hz > 0):
             raise ValueError("give rate_hz (the control rate the threshold is derived from), a threshold, or latency_steps")
         if latency_steps is not None and latency_steps < 0:
@@ -79,7 +90,7 @@ class ChunkExecutor:
         if threshold is not None and threshold < 1:
             raise ValueError(f"threshold must be >= 1, got {threshold}")
         self.policy, self.rate_hz, self.blend, self.ensemble_coeff = policy, rate_hz, blend, ensemble_coeff
-        self.latency_steps, self._threshold, self.clock = latency_steps, threshold, clock
+        self.latency_steps, self._threshold, self.clock, self.commit_steps = latency_steps, threshold, clock, commit_steps
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-inference") if latency_steps is None else None
         self._durations: deque[float] = deque(maxlen=8)
         self.reset_counters()
@@ -150,18 +161,21 @@ class ChunkExecutor:
 
     def _request(self, model_obs: Any) -> None:
         self.inferences += 1
+        committed = self._plan[: self.commit_steps]
+        prefix = committed[None] if len(committed) else None
         if self._worker is None:  # simulated latency: computed now, delivered (or its error raised) latency_steps later
             try:
-                result = self._timed_chunk(model_obs)
+                result = self._timed_chunk(model_obs, prefix)
             except Exception as error:
                 result = error
             self._pending = (self.step, result, self.step + self.latency_steps)
         else:
-            self._pending = (self.step, self._worker.submit(self._timed_chunk, model_obs), None)
+            self._pending = (self.step, self._worker.submit(self._timed_chunk, model_obs, prefix), None)
 
-    def _timed_chunk(self, model_obs: Any) -> np.ndarray:
+    def _timed_chunk(self, model_obs: Any, prefix: np.ndarray | None = None) -> np.ndarray:
         start = self.clock()
-        chunk = self.policy.predict_action_chunk(model_obs)  # (1, horizon - current, A), clipped to the bounds
+        options = {} if prefix is None else {"prefix": prefix}
+        chunk = self.policy.predict_action_chunk(model_obs, **options)  # (1, horizon - current, A), clipped to the bounds
         chunk = np.asarray(chunk.cpu() if hasattr(chunk, "cpu") else chunk, dtype=np.float32)
         self._durations.append(self.clock() - start)
         if chunk.ndim != 3 or chunk.shape[0] != 1:

@@ -101,8 +101,18 @@ class Policy(nn.Module, abc.ABC):
         compiled graph: `il_policies.accel.backends`); None goes back to the policy's own network."""
         self._backend = network
 
-    def _run_network(self, obs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        return (self._backend or self._predict_action_chunk)(obs, generator)
+    # Whether `_predict_action_chunk` takes `prefix`: committed actions the chunk must begin with
+    # (real-time chunking by inpainting, for sampling policies).
+    accepts_prefix = False
+
+    def _run_network(self, obs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None,
+                     prefix: torch.Tensor | None = None) -> torch.Tensor:
+        if prefix is None:
+            return (self._backend or self._predict_action_chunk)(obs, generator)
+        if not self.accepts_prefix or self._backend is not None:
+            where = "with an exported backend" if self.accepts_prefix else f"policy {self.name!r}"
+            raise ValueError(f"{where} cannot begin a chunk with given actions (prefix): only the torch network of a sampling policy can")
+        return self._predict_action_chunk(obs, generator, prefix=prefix)
 
     def _init_episode_state(self) -> None:
         """Create the per-episode state (policies with more extend this)."""
@@ -166,20 +176,24 @@ class Policy(nn.Module, abc.ABC):
         return self._deliver(self._action_queue.popleft(), batched, as_numpy)
 
     @torch.inference_mode()
-    def predict_action_chunk(self, obs: Mapping[str, Any], generator: torch.Generator | None = None) -> Any:
+    def predict_action_chunk(self, obs: Mapping[str, Any], generator: torch.Generator | None = None, prefix: Any = None) -> Any:
         """The predicted actions from the current step on, `(horizon - current, A)` (or with a batch
         dimension), for callers that schedule actions themselves. Puts the policy in eval mode.
 
         Given one step of robot observations, the observation is added to the history first. Given
         model-format tensors `{key: (B, n_obs_steps, *shape)}`, the network runs on them directly.
+        `prefix` (`(B, d, A)` raw actions; policies with `accepts_prefix`): the actions already
+        committed for the first d steps, which the chunk then begins with (real-time chunking).
         """
         if self.training:  # (eval() walks every module: not on every call)
             self.eval()
         now = self.window.current
+        if prefix is not None:
+            prefix = torch.as_tensor(prefix, dtype=torch.float32, device=self.device)
         if self._is_model_format(obs):
-            return self._clip(self._run_network(obs, generator)[:, now:])
+            return self._clip(self._run_network(obs, generator, prefix)[:, now:])
         _, batched, as_numpy = self._observe(obs)
-        chunk = self._run_network(self._stacked_history(), generator)[:, now:]
+        chunk = self._run_network(self._stacked_history(), generator, prefix)[:, now:]
         return self._deliver(chunk, batched, as_numpy)
 
     def observe(self, obs: Mapping[str, Any]) -> dict[str, torch.Tensor]:

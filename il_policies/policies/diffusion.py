@@ -147,17 +147,35 @@ class DiffusionPolicy(Policy):
         shape = (batch_size, self.config.horizon, self.action_dim)
         return {"noise": torch.randn(shape, generator=generator, device=device).to(self.device)}
 
-    def _predict_action_chunk(self, obs, generator=None, noise=None):
+    accepts_prefix = True
+
+    def _predict_action_chunk(self, obs, generator=None, noise=None, prefix=None):
         cond = self._condition(self.normalize_obs(obs))
         sample = noise if noise is not None else self.network_noise(cond.shape[0], generator)["noise"]
         # Multistep solvers keep per-call state (the last outputs, the step index): a copy per call, so
         # concurrent calls (server clients) do not share it. Its lists copied, its constant tensors shared.
         sampler = copy.copy(self.sampler)
         sampler.__dict__.update({key: list(value) for key, value in vars(sampler).items() if isinstance(value, list)})
-        for step in self._timesteps:
+        for i, step in enumerate(self._timesteps):
             predicted = self.unet(sample, torch.full((cond.shape[0],), step, device=cond.device), cond)
             sample = sampler.step(predicted, step, sample, generator=generator, **self._step_options).prev_sample
+            if prefix is not None:
+                sample = self._inpaint(sample, prefix, self._timesteps[i + 1] if i + 1 < len(self._timesteps) else None, generator)
         return self.normalizer.unnormalize("action", sample)
+
+    def _inpaint(self, sample: torch.Tensor, prefix: torch.Tensor, next_step: int | None, generator) -> torch.Tensor:
+        """Real-time chunking by inpainting (RePaint, Lugmayr et al. 2022): after every denoising step
+        the committed actions' positions (from the current step on) are set to those actions noised
+        to the next step's level (`add_noise`, fresh noise), and to the actions themselves after the
+        last step, so the rest of the chunk is denoised around them and joins them smoothly."""
+        known = self.normalizer.normalize("action", prefix)
+        start = self.window.current
+        if start + known.shape[1] > sample.shape[1]:
+            raise ValueError(f"a prefix of {known.shape[1]} actions does not fit the {sample.shape[1] - start} actions of a chunk")
+        if next_step is not None:
+            eps = torch.randn(known.shape, generator=generator, device=generator.device if generator is not None else known.device)
+            known = self.noise_scheduler.add_noise(known, eps.to(known.device), torch.tensor([next_step], device=known.device))
+        return torch.cat([sample[:, :start], known, sample[:, start + known.shape[1]:]], dim=1)
 
     @property
     def samples_noise_in_steps(self) -> bool:
