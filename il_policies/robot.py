@@ -47,6 +47,7 @@ def run_control_loop(
     clock: Callable[[], float] = time.perf_counter,
     sleep: Callable[[float], None] = time.sleep,
     asynchronous: bool = False,
+    warm_start: bool = False,
     **executor_options,
 ) -> LoopReport:
     """Call `send_action(policy.select_action(get_observation()))` every 1 / rate_hz seconds.
@@ -55,6 +56,8 @@ def run_control_loop(
     now instead of firing late steps back to back. `asynchronous=True` serves the actions through
     a `ChunkExecutor` (`il_policies.chunk_executor`; `executor_options` such as `blend`,
     `threshold`): the next chunk is computed in a background thread while the current one runs.
+    `warm_start=True` runs one step before the schedule starts (untimed: the episode's first
+    chunk, which any execution must wait for), then `n_steps` timed steps.
     """
     if rate_hz <= 0:
         raise ValueError(f"rate_hz must be positive, got {rate_hz}")
@@ -64,11 +67,14 @@ def run_control_loop(
         with ChunkExecutor(policy, rate_hz=rate_hz, **executor_options) as executor:
             if reset:
                 executor.reset()
-            report = run_control_loop(executor, get_observation, send_action, rate_hz, n_steps, reset=False, clock=clock, sleep=sleep)
+            report = run_control_loop(executor, get_observation, send_action, rate_hz, n_steps, reset=False, clock=clock, sleep=sleep,
+                                      warm_start=warm_start)
             return replace(report, stalls=executor.stalls)
     period = 1.0 / rate_hz
     if reset:
         policy.reset()
+    if warm_start:
+        send_action(policy.select_action(get_observation()))
     latencies, step_times, missed = [], [], []
     next_tick = clock()
     for index in range(n_steps):

@@ -261,3 +261,29 @@ def test_asynchronous_client_refuses_an_observation_history(linear_store, tmp_pa
             PolicyClient(f"ws://127.0.0.1:{server.port}", asynchronous=True)
     finally:
         server.stop()
+
+
+def test_warm_start_runs_the_first_step_before_the_schedule():
+    now = [0.0]  # a simulated clock: only the first call (the chunk) takes time, 30 ms against a 10 ms period
+
+    class FirstCallSlow:
+        def __init__(self):
+            self.calls = 0
+
+        def reset(self):
+            pass
+
+        def select_action(self, obs):
+            self.calls += 1
+            now[0] += 0.03 if self.calls == 1 else 0.0
+            return np.zeros(3)
+
+    def loop(policy, **options):
+        return run_control_loop(policy, dict, sent.append, rate_hz=100, n_steps=5, clock=lambda: now[0],
+                                sleep=lambda seconds: now.__setitem__(0, now[0] + seconds), **options)
+
+    sent = []
+    cold = loop(FirstCallSlow())
+    warm_policy = FirstCallSlow()
+    warm = loop(warm_policy, warm_start=True)
+    assert cold.missed_steps == (0,) and warm.deadline_misses == 0 and warm_policy.calls == 6 and len(sent) == 11
