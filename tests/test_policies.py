@@ -13,7 +13,7 @@ from il_policies import available_policies, load_policy, make_policy
 from il_policies.checkpoint import CheckpointError
 from il_policies.data.dataset import SequenceDataset, collate_batch, prepare_batch
 from il_policies.training import Workspace
-from il_policies.policies.registry import POLICY_MODULES
+from il_policies.policies.registry import POLICY_MODULES, make_config
 from tests.conftest import REPO, make_cfg
 
 POLICIES = available_policies()
@@ -31,12 +31,20 @@ SMALL = {
                   "policy.vision.backbone=conv", "policy.vision.conv_channels=[8,16]", "policy.vision.num_keypoints=4",
                   "policy.vision.feature_dim=16", "policy.horizon=4", "policy.n_action_steps=2",
                   "policy.num_inference_steps=3"],
+    "latent_bc": ["policy.n_obs_steps=3", "policy.frame_size=16", "policy.conv_channels=[4,8]", "policy.feature_dim=16",
+                  "policy.hidden_dim=16", "policy.latent_dim=4", "policy.head_hidden_dims=[16]"],
     "bc_conv_vae": ["policy.conv_channels=[4,4,8,8]", "policy.hidden_dim=16", "policy.hidden_dims=[32,32]"],
 }
 
 
 def small_overrides(name: str) -> list[str]:
     return [f"policy={name}", *SMALL.get(name, [])]
+
+
+def policy_dataset(store, cfg) -> SequenceDataset:
+    """The store in the windows the Workspace samples for `cfg.policy` (`action_window()`)."""
+    window = make_config(cfg.policy).action_window()
+    return SequenceDataset.from_store(store, n_obs_steps=window.n_obs_steps, horizon=window.horizon, action_offset=window.start)
 
 
 def test_registry_lists_bc():
@@ -94,8 +102,8 @@ def test_load_policy_with_compile_gives_the_eager_actions(name, image_store, tmp
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_loss_is_finite_and_backpropagates(name, image_store):
-    dataset = SequenceDataset.from_store(image_store, n_obs_steps=2, horizon=4)
     cfg = make_cfg([*small_overrides(name), "policy.n_obs_steps=2", "policy.horizon=4", "policy.n_action_steps=2"])
+    dataset = policy_dataset(image_store, cfg)
     policy = make_policy(cfg.policy, dataset.shape_meta)
     policy.normalizer.fit(dataset.fit_data(), action_key=dataset.action_key)
     batch = prepare_batch(collate_batch(dataset.__getitems__(list(range(6)))), dataset.shape_meta, "cpu")
@@ -112,7 +120,7 @@ def test_loss_is_finite_and_backpropagates(name, image_store):
     assert without_grad == []
     policy.eval()
     chunk = policy.predict_action_chunk(batch["obs"])
-    assert chunk.shape == (6, 4 - policy.window.current, 3)  # from the current step on
+    assert chunk.shape == (6, policy.window.horizon - policy.window.current, 3)  # from the current step on
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -127,7 +135,8 @@ def test_action_queue_runs_network_every_n_action_steps(name, linear_store):
     obs = {"state": torch.zeros(2, 5)}
     actions = [policy.select_action(obs, torch.Generator().manual_seed(i)) for i in range(7)]
     assert len(calls) == 3  # steps 0, 3, 6
-    chunk = original({"state": torch.zeros(2, 1, 5)}, torch.Generator().manual_seed(0))  # sampling policies: step 0's noise
+    history = {"state": torch.zeros(2, policy.window.n_obs_steps, 5)}  # step 0's history: its frame repeated
+    chunk = original(history, torch.Generator().manual_seed(0))[:, policy.window.current:]  # sampling policies: step 0's noise
     torch.testing.assert_close(torch.stack(actions[:3], dim=1), chunk[:, :3])
     policy.reset()
     policy.select_action(obs)
@@ -168,7 +177,7 @@ def test_temporal_ensembling_averages_every_chunks_prediction(name, linear_store
     observations = [{"state": torch.randn(2, 5)} for _ in range(9)]
     actions = torch.stack([policy.select_action(o, torch.Generator().manual_seed(i)) for i, o in enumerate(observations)], dim=1)
     assert len(chunks) == 9  # the network runs every step
-    expected = policy._clip(offline_temporal_ensemble(chunks, 0.01))
+    expected = policy._clip(offline_temporal_ensemble([chunk[:, policy.window.current:] for chunk in chunks], 0.01))
     torch.testing.assert_close(actions, expected)
     policy.reset()
     assert policy._ensembler.weighted_sum is None
@@ -203,8 +212,8 @@ def test_the_accelerated_policy_computes_the_reference_function(name, image_stor
     gradients with dropout off (its masks are drawn differently), the same actions in eval mode."""
     from il_policies.accel import accelerate
 
-    dataset = SequenceDataset.from_store(image_store, n_obs_steps=2, horizon=4)
     cfg = make_cfg([*small_overrides(name), "policy.n_obs_steps=2", "policy.horizon=4", "policy.n_action_steps=2"])
+    dataset = policy_dataset(image_store, cfg)
     reference = make_policy(cfg.policy, dataset.shape_meta)
     reference.normalizer.fit(dataset.fit_data(), action_key=dataset.action_key)
     for module in reference.modules():

@@ -4,7 +4,8 @@
   differentiable in mu and std; `std_from_raw` / `gaussian_from_output`: a network's raw scale
   output as a standard deviation under one of the scale parameterizations.
 - `gaussian_kl(mu, logvar)`: KL(N(mu, diag(exp(logvar))) || N(0, I)) per sample, summed over
-  latent dimensions: 0.5 * sum(mu^2 + exp(logvar) - logvar - 1).
+  latent dimensions: 0.5 * sum(mu^2 + exp(logvar) - logvar - 1); `gaussian_kl_between` against any
+  diagonal Gaussian (a learned prior): 0.5 * sum(logvar_p - logvar_q + (exp(logvar_q) + (mu_q - mu_p)^2) / exp(logvar_p) - 1).
 - KL weight schedules (constant, linear warm-up, cyclical), as functions of the training step.
 """
 
@@ -23,6 +24,11 @@ def reparameterize(mu: torch.Tensor, std: torch.Tensor, noise_scale: float = 1.0
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """(B, D) -> (B,): KL of each sample's diagonal Gaussian from the standard normal."""
     return 0.5 * (mu.square() + logvar.exp() - logvar - 1.0).sum(dim=-1)
+
+
+def gaussian_kl_between(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor) -> torch.Tensor:
+    """(..., D) -> (...): KL(N(mu_q, exp(logvar_q)) || N(mu_p, exp(logvar_p))), summed over the last dim."""
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).square()) / logvar_p.exp() - 1.0).sum(dim=-1)
 
 
 def std_from_raw(raw: torch.Tensor, parameterization: str) -> torch.Tensor:
@@ -79,4 +85,4 @@ class KLSchedule:
         return self.weight * min(1.0, position / self.ramp_fraction) if self.ramp_fraction > 0 else self.weight
 
 
-__all__ = ["KLSchedule", "gaussian_from_output", "gaussian_kl", "reparameterize", "std_from_raw"]
+__all__ = ["KLSchedule", "gaussian_from_output", "gaussian_kl", "gaussian_kl_between", "reparameterize", "std_from_raw"]

@@ -140,10 +140,10 @@ class PolicyConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         window = self.action_window()
-        if window.current + self.n_action_steps > self.horizon:
+        if window.current + self.n_action_steps > window.horizon:
             raise ValueError(
                 f"n_action_steps ({self.n_action_steps}) cannot exceed the actions predicted from the current step on "
-                f"({self.horizon - window.current} of the horizon {self.horizon})"
+                f"({window.horizon - window.current} of the horizon {window.horizon})"
             )
         if self.temporal_ensemble_coeff is not None and self.n_action_steps != 1:
             raise ValueError("temporal ensembling queries the policy every step: set n_action_steps=1")

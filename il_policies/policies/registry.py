@@ -26,6 +26,7 @@ POLICY_MODULES = {
     "bc": "il_policies.policies.bc",
     "bvae": "il_policies.policies.bvae",
     "diffusion": "il_policies.policies.diffusion",
+    "latent_bc": "il_policies.policies.latent_bc",
     "vae_nn": "il_policies.policies.vae_nn",
 }
 _REGISTRY: dict[str, type[Policy]] = {}

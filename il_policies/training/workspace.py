@@ -343,7 +343,8 @@ class Workspace:
     @torch.no_grad()
     def _visualize(self) -> None:
         source = self.val_dataset if len(self.val_dataset) else self.dataset
-        batch = self._batch(source, list(range(min(len(source), 8))))
+        spread = np.linspace(0, len(source) - 1, num=min(len(source), 8)).round().astype(int)  # windows across the split
+        batch = self._batch(source, spread.tolist())
         self.policy.eval()
         for path in self.policy.visualize(batch, self.output_dir / "visualizations" / f"step_{self.step}"):
             self.logger.log_media(f"visualize/{Path(path).stem}", Path(path), self.step)
