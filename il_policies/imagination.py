@@ -97,6 +97,20 @@ def imagine_episodes(policy, store: TrajectoryStore, episodes, n_context: int, n
     return ImaginationResult(psnr, ssim, copy_psnr, copy_ssim, starts, result_frames)
 
 
+def imagination_metrics(policy, store: TrajectoryStore, episodes, n_context: int = 5, n_predict: int = 20, stride: int = 5) -> dict[str, float]:
+    """The Workspace's end-of-run hook (`eval.loss_terms`): PSNR and SSIM per prediction step k on the
+    held-out episodes long enough, as `imagine/psnr_k`, `imagine/ssim_k`, `imagine/copy_last_psnr_k`,
+    and the smallest gain over copying the last frame, `imagine/psnr_gain_min`. {} without a camera."""
+    long_enough = [e for e in episodes if store.episode_lengths[int(e)] >= n_context + n_predict]
+    if not policy.rgb_keys or not long_enough:
+        return {}
+    summary = imagine_episodes(policy, store, long_enough, n_context, n_predict, stride, keep_frames=0).summary()
+    metrics = {"imagine/psnr_gain_min": min(summary["psnr_gain_db"])}
+    for name in ("psnr", "ssim", "copy_last_psnr"):
+        metrics |= {f"imagine/{name}_{k + 1}": value for k, value in enumerate(summary[name])}
+    return metrics
+
+
 def side_by_side_frames(frames: list[tuple[np.ndarray, np.ndarray]], pad: int = 2) -> list[np.ndarray]:
     """(true, imagined) sequences -> one frame per prediction step: each window's true frame above
     its imagined one, windows side by side (for a GIF / mp4)."""
@@ -129,4 +143,4 @@ def plot_curves(summary: dict, path, title: str = "") -> None:
     plt.close(fig)
 
 
-__all__ = ["ImaginationResult", "held_out_episodes", "imagine_episodes", "plot_curves", "side_by_side_frames"]
+__all__ = ["ImaginationResult", "held_out_episodes", "imagination_metrics", "imagine_episodes", "plot_curves", "side_by_side_frames"]

@@ -148,8 +148,9 @@ def test_a_dataset_in_other_windows_is_refused(image_store):
 
 
 def test_imagine_command_writes_curves_metrics_and_a_gif(image_store, tmp_path):
-    cfg = make_cfg([*SMALL, f"task.dataset_path={image_store}", "training.steps=2", "training.batch_size=4", "data.val_ratio=0.5"])
-    Workspace(cfg, tmp_path / "run").run()
+    cfg = make_cfg([*SMALL, f"task.dataset_path={image_store}", "training.steps=2", "training.batch_size=4", "data.val_ratio=0.5",
+                    "eval.loss_terms=true", "eval.imagine_context=3", "eval.imagine_predict=6"])
+    summary = Workspace(cfg, tmp_path / "run").run()
     checkpoint = tmp_path / "run" / "checkpoints" / "latest.pt"
     assert (tmp_path / "run" / "visualizations" / "step_2" / "imagination.png").is_file()  # logged at each validation
     out = tmp_path / "imagine"
@@ -161,8 +162,10 @@ def test_imagine_command_writes_curves_metrics_and_a_gif(image_store, tmp_path):
     assert metrics["episodes"] == held_out and metrics["n_windows"] == 2 * 3  # 2 episodes of 20 steps, starts 0, 4, 8
     assert len(metrics["psnr"]) == len(metrics["copy_last_ssim"]) == 6 and all(math.isfinite(v) for v in metrics["psnr"])
     assert (out / "psnr_ssim.png").stat().st_size > 0 and (out / "imagination.gif").stat().st_size > 0
-    policy = load_policy(checkpoint)
-    assert policy.name == "latent_bc"
+    # The end-of-run hook (eval.loss_terms) scored the same kind of prediction on the held-out episodes.
+    assert {f"imagine/{m}_{k}" for m in ("psnr", "ssim", "copy_last_psnr") for k in range(1, 7)} <= set(summary)
+    assert summary["imagine/psnr_gain_min"] <= summary["imagine/psnr_1"] - summary["imagine/copy_last_psnr_1"] + 1e-3  # (4 decimals)
+    assert load_policy(checkpoint).name == "latent_bc"
     refused = subprocess.run([sys.executable, "eval/imagine.py", f"checkpoint={checkpoint}", "n_predict=30", f"hydra.run.dir={out}"],
                              cwd=REPO, capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "fewer than n_context + n_predict = 35" in refused.stderr

@@ -67,6 +67,9 @@ class EvalConfig:
     n_videos: int = 1  # mp4 videos of the first episodes, under <run dir>/eval/step_N/
     seed_start: int = 1_000_000
     loss_terms: bool = False  # at the end: every loss term over the whole training and held-out splits (terms/train/*, terms/val/*)
+    # and, for a world model (latent_bc), open-loop prediction on the held-out episodes (imagine/*):
+    imagine_context: int = 5  # frames filtered
+    imagine_predict: int = 20  # steps predicted from the recorded actions
 
 
 @dataclass

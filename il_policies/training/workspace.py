@@ -251,6 +251,12 @@ class Workspace:
         if hasattr(self.policy, "decoder_latent") and len(self.val_dataset):
             with self._inference_weights():
                 terms |= decoder_checks(self.policy, lambda: self._all_batches(self.dataset), lambda: self._all_batches(self.val_dataset))
+        if hasattr(self.policy, "imagine") and len(self.val_dataset):  # a world model: its open-loop prediction
+            from il_policies.imagination import imagination_metrics
+
+            with self._inference_weights():
+                store, cfg = TrajectoryStore.open(self.cfg.task.dataset_path), self.cfg.eval
+                terms |= imagination_metrics(self.policy, store, self.val_dataset.episode_ids, cfg.imagine_context, cfg.imagine_predict)
         return terms
 
     def _all_batches(self, dataset: SequenceDataset):
