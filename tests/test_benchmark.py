@@ -127,7 +127,7 @@ WRITEUP = ["bc_conv_vae", "vae_nn", "bvae", "bvae_per_pixel", "bvae_original"]
     ("bvae_writeup_budget", 5, WRITEUP, [8]),
     ("bvae_writeup_ablations", 50, [*WRITEUP, "bvae_without_action_supervised", "bvae_without_obs_supervised",
                                     "bvae_without_obs_recon", "bvae_without_action_recon", "bvae_wide"], [8]),
-    ("bvae_writeup_data", 75, WRITEUP, [8, 16, 32]),
+    ("bvae_writeup_data", 45, ["bc_conv_vae", "vae_nn", "bvae"], [8, 16, 32]),  # its null entries leave two variants out
 ])
 def test_the_writeup_benchmarks_compose_into_their_grids(name, n_cells, policies, episodes):
     from hydra import compose, initialize_config_dir
@@ -135,7 +135,8 @@ def test_the_writeup_benchmarks_compose_into_their_grids(name, n_cells, policies
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="benchmark", overrides=[f"benchmark={name}"])
     cells = plan_cells(cfg.benchmark)
-    assert len(cells) == n_cells and list(cfg.benchmark.policies) == policies and list(cfg.benchmark.train_episodes) == episodes
+    labels = list(dict.fromkeys(c.policy for c in cells))
+    assert len(cells) == n_cells and labels == policies and list(cfg.benchmark.train_episodes) == episodes
     assert {c.task for c in cells} == {"metaworld_push_image"} and sorted({c.seed for c in cells}) == ([0] if "budget" in name else [0, 1, 2, 3, 4])
     # the extensions add cells to the same directory, whose finished cells they share
     assert cfg.out == ("outputs/benchmark/bvae_writeup_budget" if "budget" in name else "outputs/benchmark/bvae_writeup")

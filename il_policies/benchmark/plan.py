@@ -61,10 +61,12 @@ def plan_cells(bench: DictConfig) -> list[Cell]:
     tasks, policies = list(bench.tasks), OmegaConf.to_container(bench.policies)
     seeds, episodes = list(bench.seeds), list(bench.train_episodes)
     _check(bool(tasks) and all(isinstance(t, str) for t in tasks), "tasks", tasks, "a non-empty list of task config names")
-    _check(isinstance(policies, dict) and bool(policies), "policies", policies,
-           "a non-empty mapping of policy config name -> list of overrides")
+    _check(isinstance(policies, dict) and any(e is not None for e in policies.values()), "policies", policies,
+           "a non-empty mapping of policy config name -> list of overrides (null: left out)")
     variants = {}  # label -> (policy config, overrides)
     for label, entry in policies.items():
+        if entry is None:  # a config built on another drops one of its policies by setting it to null
+            continue
         config, overrides = (entry.get("policy"), entry.get("overrides", [])) if isinstance(entry, dict) else (label, entry)
         _check(isinstance(overrides, list) and all(isinstance(o, str) for o in overrides), f"policies.{label}", entry,
                "a list of override strings, or {policy: NAME, overrides: [...]}")
