@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 
 from il_policies.benchmark.plan import BenchmarkError, Cell, plan_cells, run_cell
 from il_policies.benchmark.report import markdown_table, mean_ci, paired_differences
-from tests.conftest import REPO
+from il_policies.policies.registry import make_config
+from tests.conftest import REPO, make_cfg
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "MUJOCO_GL": "egl", "OMP_WAIT_POLICY": "PASSIVE"}
 
@@ -142,6 +143,18 @@ def test_the_writeup_benchmarks_compose_into_their_grids(name, n_cells, policies
     assert cfg.out == ("outputs/benchmark/bvae_writeup_budget" if "budget" in name else "outputs/benchmark/bvae_writeup")
     ablation = next((c for c in cells if c.policy == "bvae_without_obs_recon"), None)
     assert ablation is None or (ablation.policy_config, ablation.policy_overrides) == ("bvae", ("policy.loss_weights.obs_recon=0",))
+
+
+def test_the_world_model_benchmark_composes_into_its_grid():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="benchmark", overrides=["benchmark=world_model"])
+    cells = plan_cells(cfg.benchmark)
+    assert [c.policy for c in cells] == ["latent_bc", "kl_constant", "kl_cyclical", "teacher_forcing_1", "teacher_forcing_0", "no_context_skips"]
+    assert {c.policy_config or c.policy for c in cells} == {"latent_bc"} and cfg.out == "outputs/benchmark/world_model"
+    for cell in cells:  # every variant's overrides compose into a valid latent_bc config
+        make_config(make_cfg([f"policy={cell.policy_config or cell.policy}", *cell.policy_overrides]).policy)
 
 
 def test_the_slurm_launcher_configuration_composes():
