@@ -12,11 +12,9 @@ peak measured in the same run.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-from workers import cpu_model, matmul_peak_gflops
+from workers import cpu_model, matmul_peak_gflops, median_seconds
 
 from il_policies import make_policy
 from il_policies.policies.config import AugmentConfig
@@ -25,14 +23,7 @@ CASES = {"crop": AugmentConfig("crop"), "shift": AugmentConfig("shift"), "crop+j
 
 
 def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_seconds(fn, repeats, warmup=3)
 
 
 def main() -> None:

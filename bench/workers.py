@@ -151,6 +151,21 @@ def cpu_model() -> str:
         return platform.processor() or "?"
 
 
+def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+    """The median wall time of `repeats` calls of `fn`, after `warmup` untimed ones."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def matmul_peak_gflops(torch) -> float:
     """The fp32 matmul peak now, at torch's thread count: the best of five 2048^2 products."""
     import time

@@ -14,25 +14,12 @@ the fp32 matmul peak measured in the same run.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-from workers import cpu_model, matmul_peak_gflops
+from workers import cpu_model, matmul_peak_gflops, median_seconds
 
 from il_policies import make_policy
 from il_policies.policies.registry import make_config
-
-
-def median_s(fn, repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def training_step(name: str, options: dict, meta: dict, batch: dict):
@@ -82,7 +69,7 @@ def main() -> None:
     reference = None
     for label, (name, options, data) in cases.items():
         step, n_params = training_step(name, options, meta, data)
-        seconds = median_s(step, args.repeats)
+        seconds = median_seconds(step, args.repeats)
         reference = reference or seconds
         print(f"  {label:45s} {seconds:6.3f} s  {frames / seconds:7.0f} frames/s  x{seconds / reference:4.2f} of latent_bc  "
               f"({n_params / 1e6:.2f} M parameters)")

@@ -38,6 +38,7 @@ from il_policies.nn.losses import masked_mean
 from il_policies.nn.observation_vae import ObservationVAE, obs_mse, sample_pack
 from il_policies.nn.vae import gaussian_from_output, gaussian_kl, reparameterize
 from il_policies.policies.base import Policy
+from il_policies.policies.config import loss_weights_of
 from il_policies.policies.generative import GenerativeConfig
 from il_policies.policies.registry import register_policy
 
@@ -51,10 +52,7 @@ class BVAEConfig(GenerativeConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        unknown = sorted(set(self.loss_weights) - set(TERMS))
-        if unknown:
-            raise ValueError(f"unknown loss term(s) {unknown} in loss_weights; the terms are {list(TERMS)}")
-        self.loss_weights = {term: float(self.loss_weights.get(term, 0.0)) for term in TERMS}
+        self.loss_weights = loss_weights_of(self.loss_weights, TERMS)
 
 
 @register_policy("bvae")

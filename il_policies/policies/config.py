@@ -162,6 +162,14 @@ class PolicyConfig:
         return ActionWindow(self.n_obs_steps, self.horizon, 0, self.n_action_steps)
 
 
+def loss_weights_of(weights: Mapping[str, float], terms: tuple[str, ...]) -> dict[str, float]:
+    """A policy's `loss_weights` option checked against its terms: every term, a term left out weighing 0."""
+    unknown = sorted(set(weights) - set(terms))
+    if unknown:
+        raise ValueError(f"unknown loss term(s) {unknown} in loss_weights; the terms are {list(terms)}")
+    return {term: float(weights.get(term, 0.0)) for term in terms}
+
+
 def config_from_dict(config_class: type, options: Mapping[str, Any], where: str = "policy") -> Any:
     """`config_class(**options)`, with nested dataclass fields built from mappings and lists turned
     into tuples where the field is a tuple; an unknown option is refused in one sentence."""
@@ -187,4 +195,4 @@ def _is_union(annotation) -> bool:
     return typing.get_origin(annotation) in (typing.Union, types.UnionType)
 
 
-__all__ = ["ActionWindow", "AugmentConfig", "EMAPreset", "PolicyConfig", "TrainingPreset", "VisionConfig", "config_from_dict"]
+__all__ = ["ActionWindow", "AugmentConfig", "EMAPreset", "PolicyConfig", "TrainingPreset", "VisionConfig", "config_from_dict", "loss_weights_of"]

@@ -43,7 +43,7 @@ from il_policies.nn.mlp import mlp
 from il_policies.nn.vae import KLSchedule, gaussian_kl_between, reparameterize
 from il_policies.nn.world_model import SequenceVAE, TeacherForcingSchedule
 from il_policies.policies.base import Policy
-from il_policies.policies.config import ActionWindow, PolicyConfig
+from il_policies.policies.config import ActionWindow, PolicyConfig, loss_weights_of
 from il_policies.policies.registry import register_policy
 
 TERMS = ("recon", "prediction", "action")
@@ -69,10 +69,7 @@ class LatentBCConfig(PolicyConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        unknown = sorted(set(self.loss_weights) - set(TERMS))
-        if unknown:
-            raise ValueError(f"unknown loss term(s) {unknown} in loss_weights; the terms are {list(TERMS)}")
-        self.loss_weights = {term: float(self.loss_weights.get(term, 0.0)) for term in TERMS}
+        self.loss_weights = loss_weights_of(self.loss_weights, TERMS)
         if self.frame_size is not None and self.frame_size % 2 ** len(self.conv_channels):
             raise ValueError(f"frame_size {self.frame_size} must be a multiple of 2^{len(self.conv_channels)} "
                              f"(one halving per conv_channels entry {list(self.conv_channels)})")
