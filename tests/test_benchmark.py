@@ -73,6 +73,12 @@ def _row(policy, seed, success, version="abc"):
             "wall_time_s": 60.0, "code_version": version, "machine": "cpu", "metrics": {"eval/success_rate": success}}
 
 
+def test_table_rows_go_by_the_number_of_episodes_with_every_episode_last():
+    rows = [{**_row("a", 0, 0.5), "train_episodes": n} for n in (16, None, 8, 32)]
+    table = markdown_table(rows)
+    assert [line.split(" | ")[1] for line in table.splitlines()[2:6]] == ["8", "16", "32", "all"]
+
+
 def test_paired_differences_use_only_the_common_seeds():
     rows = [_row("a", 0, 0.5), _row("a", 1, 0.7), _row("a", 2, 0.9), _row("b", 1, 0.5), _row("b", 2, 0.6), _row("b", 3, 0.0)]
     [(task, episodes, a, b, n, mean, low, high)] = paired_differences(rows)

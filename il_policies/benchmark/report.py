@@ -25,6 +25,11 @@ FIRST_COLUMNS = ["cell", "task", "policy", "train_episodes", "seed", "steps", "w
                  "finished", "policy_overrides"]
 
 
+
+def _by_count(episodes) -> tuple[bool, int]:
+    """Numbers of training episodes in increasing order, every episode (None) last."""
+    return episodes is None, episodes or 0
+
 def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
     """(mean, low, high): Student's t interval over the values (ddof 1); (mean, nan, nan) for one value."""
     x = np.asarray(values, dtype=float)
@@ -71,7 +76,7 @@ def markdown_table(rows: list[dict], metrics: Sequence[str] = (SUCCESS, VAL_LOSS
     versions = sorted({r["code_version"] for r in rows})
     lines = ["| task | training episodes | policy | seeds | " + " | ".join(metrics) + " | wall time (min) |",
              "|---|---|---|---|" + "---|" * len(metrics) + "---|"]
-    for (task, episodes, policy), group in sorted(_group(rows).items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2])):
+    for (task, episodes, policy), group in sorted(_group(rows).items(), key=lambda kv: (kv[0][0], _by_count(kv[0][1]), kv[0][2])):
         cells = []
         for key in metrics:
             values = [v for r in group if (v := curve_value(r["metrics"], key)) is not None]
@@ -101,7 +106,7 @@ def paired_differences(rows: list[dict], key: str = SUCCESS) -> list[tuple]:
     >= 2 common seeds."""
     out = []
     by_key = _group(rows)
-    for task, episodes in sorted({(t, e) for t, e, _ in by_key}, key=lambda k: (k[0], str(k[1]))):
+    for task, episodes in sorted({(t, e) for t, e, _ in by_key}, key=lambda k: (k[0], _by_count(k[1]))):
         policies = sorted(p for t, e, p in by_key if (t, e) == (task, episodes))
         for a, b in combinations(policies, 2):
             sa = {r["seed"]: curve_value(r["metrics"], key) for r in by_key[(task, episodes, a)]}
@@ -131,7 +136,7 @@ def plot_curves(rows: list[dict], out: Path, keys: Sequence[str] = (SUCCESS, VAL
     by_plot: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         by_plot[(r["task"], r["train_episodes"])][r["policy"]].append(r)
-    for (task, episodes), policies in sorted(by_plot.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+    for (task, episodes), policies in sorted(by_plot.items(), key=lambda kv: (kv[0][0], _by_count(kv[0][1]))):
         fig, axes = plt.subplots(len(keys), 2, figsize=(10, 3.5 * len(keys)), squeeze=False)
         colors = {policy: f"C{i % 10}" for i, policy in enumerate(sorted(policies))}  # one colour per policy in every panel
         for policy, runs in sorted(policies.items()):
