@@ -135,6 +135,7 @@ WRITEUP = ["bc_conv_vae", "vae_nn", "bvae", "bvae_per_pixel", "bvae_original"]
     ("bvae_writeup_ablations", 50, [*WRITEUP, "bvae_without_action_supervised", "bvae_without_obs_supervised",
                                     "bvae_without_obs_recon", "bvae_without_action_recon", "bvae_wide"], [8]),
     ("bvae_writeup_data", 45, ["bc_conv_vae", "vae_nn", "bvae"], [8, 16, 32]),  # its null entries leave two variants out
+    ("bvae_writeup_latent", 24, ["bc_conv_vae", "bvae", "latent_bc", "latent_bc_bc_only"], [8, None]),
 ])
 def test_the_writeup_benchmarks_compose_into_their_grids(name, n_cells, policies, episodes):
     from hydra import compose, initialize_config_dir
@@ -144,9 +145,12 @@ def test_the_writeup_benchmarks_compose_into_their_grids(name, n_cells, policies
     cells = plan_cells(cfg.benchmark)
     labels = list(dict.fromkeys(c.policy for c in cells))
     assert len(cells) == n_cells and labels == policies and list(cfg.benchmark.train_episodes) == episodes
-    assert {c.task for c in cells} == {"metaworld_push_image"} and sorted({c.seed for c in cells}) == ([0] if "budget" in name else [0, 1, 2, 3, 4])
+    seeds = [0] if "budget" in name else [0, 1, 2] if "latent" in name else [0, 1, 2, 3, 4]
+    assert {c.task for c in cells} == {"metaworld_push_image"} and sorted({c.seed for c in cells}) == seeds
     # the extensions add cells to the same directory, whose finished cells they share
     assert cfg.out == ("outputs/benchmark/bvae_writeup_budget" if "budget" in name else "outputs/benchmark/bvae_writeup")
+    for cell in cells:  # every variant's overrides compose into a valid config of its policy
+        make_config(make_cfg([f"policy={cell.policy_config or cell.policy}", *cell.policy_overrides]).policy)
     ablation = next((c for c in cells if c.policy == "bvae_without_obs_recon"), None)
     assert ablation is None or (ablation.policy_config, ablation.policy_overrides) == ("bvae", ("policy.loss_weights.obs_recon=0",))
 
