@@ -169,3 +169,18 @@ def test_imagine_command_writes_curves_metrics_and_a_gif(image_store, tmp_path):
     refused = subprocess.run([sys.executable, "eval/imagine.py", f"checkpoint={checkpoint}", "n_predict=30", f"hydra.run.dir={out}"],
                              cwd=REPO, capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "fewer than n_context + n_predict = 35" in refused.stderr
+
+
+def test_a_term_with_weight_zero_costs_nothing_in_training_and_is_still_measured(image_store):
+    cfg = make_cfg([*SMALL, "policy.loss_weights.recon=0", "policy.loss_weights.prediction=0", "policy.kl_schedule.weight=0"])
+    dataset = policy_dataset(image_store, cfg)
+    policy = make_policy(cfg.policy, dataset.shape_meta)
+    policy.normalizer.fit(dataset.fit_data(), action_key=dataset.action_key)
+    batch = prepare_batch(collate_batch(dataset.__getitems__([3, 4, 5])), dataset.shape_meta, "cpu")
+    loss, metrics = policy.compute_loss(batch)
+    loss.backward()
+    assert "recon" not in metrics and "prediction" not in metrics  # not computed: BC through the filter alone
+    assert all(p.grad is None for p in [*policy.world_model.decoder.parameters(), *policy.world_model.dynamics.parameters()])
+    assert loss.item() == pytest.approx(metrics["action"])
+    policy.eval()
+    assert {"recon", "prediction", "kl", "action", "psnr_open_loop"} <= set(policy.compute_loss(batch)[1])

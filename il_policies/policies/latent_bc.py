@@ -152,22 +152,23 @@ class LatentBCPolicy(Policy):
         # Multi-step prediction (latent overshooting): the prior that a chain run open loop between
         # teacher-forced steps gives each step, against the filter's posterior; the filtered states
         # are fixed inputs and targets, so this term trains the dynamics alone.
-        ratio = cfg.teacher_forcing(self.training_step) if self.training else 0.0
-        # The chain restarts from the filtered state at the episode's first step (its prediction came from a padded step).
-        restart = before_start[:, :-1] | F.pad(before_start[:, :-2], (1, 0), value=True)
-        teacher = (torch.rand(restart.shape, device=z.device) < ratio) | restart
-        chain_mu, chain_logvar = model.predict(z.detach(), actions[:, : T - 1], teacher)
-        overshoot = gaussian_kl_between(mu[:, 1:].detach(), logvar[:, 1:].detach(), chain_mu, chain_logvar)  # (B, T - 1)
-
-        decoded_image, decoded_low = model.decode(z, *self._context(image, skips))
-        recon = [masked_mean((d - x).square(), before_start) for d, x in ((decoded_image, image), (decoded_low, low)) if x is not None]
+        # A term with weight 0 is skipped in training steps; validation reports every term.
         real = ~before_start
-        terms = {
-            "recon": torch.stack(recon).mean(),
-            "kl": masked_mean(kl, before_start),
-            "prediction": masked_mean(overshoot, ~(real[:, 1:] & real[:, :-1])),
-        }
-        if not self.training and image is not None:  # validation: how well the open-loop chain draws steps 2..T
+        terms = {"kl": masked_mean(kl, before_start)}
+        every = not self.training
+        if every or cfg.loss_weights["prediction"]:
+            ratio = cfg.teacher_forcing(self.training_step) if self.training else 0.0
+            # The chain restarts from the filtered state at the episode's first step (its prediction came from a padded step).
+            restart = before_start[:, :-1] | F.pad(before_start[:, :-2], (1, 0), value=True)
+            teacher = (torch.rand(restart.shape, device=z.device) < ratio) | restart
+            chain_mu, chain_logvar = model.predict(z.detach(), actions[:, : T - 1], teacher)
+            overshoot = gaussian_kl_between(mu[:, 1:].detach(), logvar[:, 1:].detach(), chain_mu, chain_logvar)  # (B, T - 1)
+            terms["prediction"] = masked_mean(overshoot, ~(real[:, 1:] & real[:, :-1]))
+        if every or cfg.loss_weights["recon"]:
+            decoded_image, decoded_low = model.decode(z, *self._context(image, skips))
+            recon = [masked_mean((d - x).square(), before_start) for d, x in ((decoded_image, image), (decoded_low, low)) if x is not None]
+            terms["recon"] = torch.stack(recon).mean()
+        if every and image is not None:  # validation: how well the open-loop chain draws steps 2..T
             predicted_image = model.decode(chain_mu, *self._context(image, skips))[0]
             error = (self.display(predicted_image) - self.display(image[:, 1:])).square().mean(dim=(2, 3, 4))
             terms["psnr_open_loop"] = masked_mean(-10.0 * torch.log10(error.clamp_min(1e-10)), ~(real[:, 1:] & real[:, :-1]))
@@ -185,7 +186,8 @@ class LatentBCPolicy(Policy):
     def compute_loss(self, batch):
         terms = self.loss_terms(batch)
         beta = self.config.kl_schedule(self.training_step)
-        loss = torch.stack([w * terms[t] for t, w in self.config.loss_weights.items() if w] + [beta * terms["kl"]]).sum()
+        weighted = [w * terms[t] for t, w in self.config.loss_weights.items() if w] + ([beta * terms["kl"]] if beta else [])
+        loss = torch.stack(weighted).sum() if weighted else terms["kl"] * 0.0
         # (validation adds psnr_open_loop: a score, not a loss term)
         metrics = {name: value.item() for name, value in terms.items()}
         ratio = self.config.teacher_forcing(self.training_step) if self.training else 0.0
