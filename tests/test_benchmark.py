@@ -149,8 +149,8 @@ def test_the_writeup_benchmarks_compose_into_their_grids(name, n_cells, policies
     assert {c.task for c in cells} == {"metaworld_push_image"} and sorted({c.seed for c in cells}) == seeds
     # the extensions add cells to the same directory, whose finished cells they share
     assert cfg.out == ("outputs/benchmark/bvae_writeup_budget" if "budget" in name else "outputs/benchmark/bvae_writeup")
-    for cell in cells:  # every variant's overrides compose into a valid config of its policy
-        make_config(make_cfg([f"policy={cell.policy_config or cell.policy}", *cell.policy_overrides]).policy)
+    for config, overrides in {(c.policy_config or c.policy, c.policy_overrides) for c in cells}:  # each variant composes into a valid config
+        make_config(make_cfg([f"policy={config}", *overrides]).policy)
     ablation = next((c for c in cells if c.policy == "bvae_without_obs_recon"), None)
     assert ablation is None or (ablation.policy_config, ablation.policy_overrides) == ("bvae", ("policy.loss_weights.obs_recon=0",))
 
