@@ -23,10 +23,10 @@ from tests.test_policies import policy_dataset, small_overrides
 SMALL = small_overrides("latent_bc")
 
 
-def small_model(skip_context: bool = True, low_dim: int = 2) -> SequenceVAE:
+def small_model(skip_context: bool = True, low_dim: int = 2, change_mask: bool = False) -> SequenceVAE:
     torch.manual_seed(0)
     return SequenceVAE(3, 16, low_dim, action_dim=2, latent_dim=4, channels=(4, 8), feature_dim=16, hidden_dim=16,
-                       skip_context=skip_context)
+                       skip_context=skip_context, change_mask=change_mask)
 
 
 def frames(batch: int = 2, steps: int = 5, low_dim: int = 2):
@@ -87,13 +87,35 @@ def test_teacher_forcing_at_ratio_one_is_the_one_step_model():
     assert not torch.allclose(open_mu[:, 1:], mu[:, 1:])
 
 
-def test_an_untrained_context_decoder_draws_the_last_context_frame():
+@pytest.mark.parametrize("change_mask", [False, True])
+def test_an_untrained_context_decoder_draws_the_last_context_frame(change_mask):
     """The decoder draws o_c plus a change that starts at 0, so imagination begins at copy-the-last-frame."""
-    model, (image, low, actions) = small_model(), frames()
+    model, (image, low, actions) = small_model(change_mask=change_mask), frames()
     imagined_image, imagined_low = model.imagine(image[:, :3], low[:, :3], actions[:, 2:4])
     torch.testing.assert_close(imagined_image, image[:, 2:3].expand(-1, 2, -1, -1, -1))
     plain = small_model(skip_context=False).imagine(image[:, :3], low[:, :3], actions[:, 2:4])[0]
     assert plain.shape == imagined_image.shape and not torch.allclose(plain, imagined_image)
+
+
+def test_the_change_mask_gates_the_change_per_pixel():
+    """o_t = o_c + sigmoid(m) * change: a closed mask (m -> -inf) gives o_c, an open one the unmasked change."""
+    masked, plain, (image, low, _) = small_model(change_mask=True), small_model(), frames()
+    skips = masked.encode(image, low)[1]
+    last_masked, last_plain = masked.decoder.ups[-1], plain.decoder.ups[-1]
+    assert last_masked.out_channels == last_plain.out_channels + 1 == 4
+    torch.manual_seed(2)
+    with torch.no_grad():
+        last_plain.weight.normal_(std=0.1)
+        last_plain.bias.normal_(std=0.1)
+        plain.load_state_dict({k: v for k, v in masked.state_dict().items() if not k.startswith("decoder.ups.1")}, strict=False)
+        last_masked.weight.zero_()
+        last_masked.weight[:, :3].copy_(last_plain.weight)
+        last_masked.bias[:3].copy_(last_plain.bias)
+    z, context = torch.randn(2, 5, 4), (image[:, 0], [s[:, 0] for s in skips])
+    for bias, expected in ((-60.0, image[:, 0].unsqueeze(1).expand(-1, 5, -1, -1, -1)), (60.0, plain.decode(z, *context)[0])):
+        with torch.no_grad():
+            last_masked.bias[3] = bias
+        torch.testing.assert_close(masked.decode(z, *context)[0], expected)
 
 
 def test_schedules():

@@ -11,7 +11,9 @@ needs nothing but the robot's observations. The decoder is independent per step;
 feature maps of one context frame o_c (the window's first frame in training, the last observed frame
 when imagining) through skip connections and draws o_t as o_c plus a change, as the video-prediction
 report's encoder-decoder with skips (and SVG) does: what stays still comes from o_c, and z_t only has
-to carry what moves. `skip_context=False` gives the plain p(o_t | z_t).
+to carry what moves. `change_mask=True` gates the change per pixel, o_t = o_c + sigmoid(m) * change, as
+the compositing masks of Finn et al. (2016): a saturated mask copies o_c exactly where nothing moves.
+`skip_context=False` gives the plain p(o_t | z_t).
 
 Shapes: images `(B, T, C, H, W)` normalized and already at `frame_size`; low-dim `(B, T, D)`.
 """
@@ -64,9 +66,10 @@ class FrameDecoder(nn.Module):
     input size beside its own) and the low-dim vector."""
 
     def __init__(self, latent_dim: int, image_channels: int, frame_size: int, low_dim: int, channels: Sequence[int],
-                 hidden_dim: int, skip_context: bool):
+                 hidden_dim: int, skip_context: bool, change_mask: bool = False):
         super().__init__()
         self.skip_context = skip_context and bool(image_channels)
+        self.change_mask = change_mask and self.skip_context
         self.image_channels = image_channels
         if image_channels:
             widths = list(channels)[::-1]  # deepest first
@@ -76,9 +79,10 @@ class FrameDecoder(nn.Module):
             self.ups = nn.ModuleList()
             for i, width in enumerate(widths):
                 last = i + 1 == len(widths)
-                up = nn.ConvTranspose2d(inputs * width, image_channels if last else widths[i + 1], 4, stride=2, padding=1)
+                out = image_channels + int(self.change_mask) if last else widths[i + 1]  # (+ the mask's logit)
+                up = nn.ConvTranspose2d(inputs * width, out, 4, stride=2, padding=1)
                 self.ups.append(up if last else nn.Sequential(up, nn.GroupNorm(min(8, widths[i + 1]), widths[i + 1]), nn.SiLU()))
-            if self.skip_context:  # o_t = o_c + change: a change of 0 (o_c itself) at initialization
+            if self.skip_context:  # o_t = o_c + change: a change of 0 (o_c itself) at initialization, masked or not
                 nn.init.zeros_(self.ups[-1].weight)
                 nn.init.zeros_(self.ups[-1].bias)
         self.low_dim_head = mlp(latent_dim, (hidden_dim,), low_dim) if low_dim else None
@@ -92,6 +96,8 @@ class FrameDecoder(nn.Module):
             skips = context[1][::-1] if self.skip_context else [None] * len(self.ups)
             for up, skip in zip(self.ups, skips):
                 x = up(x if skip is None else torch.cat([x, skip], dim=1))
+            if self.change_mask:
+                x = torch.sigmoid(x[:, -1:]) * x[:, :-1]
             image = x + context[0] if self.skip_context else x
         low = self.low_dim_head(z) if self.low_dim_head is not None else None
         return image, low
@@ -122,14 +128,14 @@ class SequenceVAE(nn.Module):
 
     def __init__(self, image_channels: int, frame_size: int, low_dim: int, action_dim: int, latent_dim: int = 32,
                  channels: Sequence[int] = (16, 32, 64, 128), feature_dim: int = 256, hidden_dim: int = 256,
-                 skip_context: bool = True, scale: str = "softplus"):
+                 skip_context: bool = True, scale: str = "softplus", change_mask: bool = False):
         super().__init__()
         self.latent_dim, self.scale = latent_dim, scale
         self.encoder = FrameEncoder(image_channels, frame_size, low_dim, channels, feature_dim)
         self.filter = nn.GRU(feature_dim, hidden_dim, batch_first=True)
         self.posterior_head = nn.Linear(hidden_dim, 2 * latent_dim)
         self.dynamics = mlp(latent_dim + action_dim, (hidden_dim, hidden_dim), 2 * latent_dim, activation=nn.SiLU)
-        self.decoder = FrameDecoder(latent_dim, image_channels, frame_size, low_dim, channels, hidden_dim, skip_context)
+        self.decoder = FrameDecoder(latent_dim, image_channels, frame_size, low_dim, channels, hidden_dim, skip_context, change_mask)
 
     def encode(self, image: torch.Tensor | None, low_dim: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """`(B, T, ...)` -> features `(B, T, F)` and each step's skip maps `(B, T, C, h, w)`."""

@@ -61,6 +61,7 @@ class LatentBCConfig(PolicyConfig):
     hidden_dim: int = 256  # the filter's GRU and the dynamics MLP
     latent_dim: int = 32
     skip_context: bool = True  # the decoder sees a context frame's feature maps (False: p(o_t | z_t) alone)
+    change_mask: bool = False  # o_t = o_c + sigmoid(m) * change: a per-pixel gate on the decoder's change (skip_context only)
     scale: str = "softplus"
     head_hidden_dims: tuple[int, ...] = (256, 256)
     loss_weights: dict = field(default_factory=lambda: dict.fromkeys(TERMS, 1.0))
@@ -100,7 +101,8 @@ class LatentBCPolicy(Policy):
         channels = sum(int(meta[k]["shape"][0]) for k in self.rgb_keys)
         low_dim = sum(int(meta[k]["shape"][0]) for k in self.low_dim_keys)
         self.world_model = SequenceVAE(channels, self.frame_size, low_dim, self.action_dim, config.latent_dim, config.conv_channels,
-                                       config.feature_dim, config.hidden_dim, config.skip_context, config.scale)
+                                       config.feature_dim, config.hidden_dim, config.skip_context, config.scale,
+                                       config.change_mask)
         self.head = mlp(config.latent_dim, config.head_hidden_dims, config.horizon * self.action_dim)
 
     # ---- observations as the world model sees them ------------------------------------------
