@@ -159,7 +159,7 @@ class LatentBCPolicy(Policy):
         terms = {"kl": masked_mean(kl, before_start)}
         every = not self.training
         if every or cfg.loss_weights["prediction"]:
-            ratio = cfg.teacher_forcing(self.training_step) if self.training else 0.0
+            ratio = self.teacher_forcing_ratio()
             # The chain restarts from the filtered state at the episode's first step (its prediction came from a padded step).
             restart = before_start[:, :-1] | F.pad(before_start[:, :-2], (1, 0), value=True)
             teacher = (torch.rand(restart.shape, device=z.device) < ratio) | restart
@@ -192,8 +192,11 @@ class LatentBCPolicy(Policy):
         loss = torch.stack(weighted).sum() if weighted else terms["kl"] * 0.0
         # (validation adds psnr_open_loop: a score, not a loss term)
         metrics = {name: value.item() for name, value in terms.items()}
-        ratio = self.config.teacher_forcing(self.training_step) if self.training else 0.0
-        return loss, {**metrics, "kl_weight": float(beta), "teacher_forcing": float(ratio)}
+        return loss, {**metrics, "kl_weight": float(beta), "teacher_forcing": self.teacher_forcing_ratio()}
+
+    def teacher_forcing_ratio(self) -> float:
+        """The schedule's ratio in training; 0 (open loop) in evaluation."""
+        return float(self.config.teacher_forcing(self.training_step)) if self.training else 0.0
 
     # ---- acting -------------------------------------------------------------------------------
     def _predict_action_chunk(self, obs, generator=None):
