@@ -288,6 +288,12 @@ def test_from_store_uses_store_keys(monkeypatch):
             loaded.append(list(keys))
             return {k: data[k] for k in keys}
 
+        def nbytes(self, keys):
+            return sum(data[k].nbytes for k in keys)
+
+        def chunk_rows(self, key):
+            return 4
+
     monkeypatch.setitem(sys.modules, "il_policies.data.store",
                         types.SimpleNamespace(TrajectoryStore=FakeStore))
     ds = SequenceDataset.from_store("/d/demo.zarr", horizon=3, val_ratio=0.2)

@@ -11,6 +11,11 @@ default collate would instead treat that dict as a list of samples.
 
 Images stay uint8 HWC in memory and in batches; ``prepare_batch`` moves a batch
 to the device and only then converts images to float32 CHW in [0, 1].
+
+``from_store(..., in_memory=False)`` keeps the camera keys in the store and reads
+them chunk by chunk (``il_policies.data.lazy``); the low-dim keys and the actions,
+a small fraction of the bytes that the normalizer and the action bounds read whole,
+are loaded either way. Both modes give identical samples.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 import torch
 
 from il_policies.data.images import chw, to_network_image
+from il_policies.data.lazy import ChunkCache, LazyArray, LazyRows
 from il_policies.data.sampler import SequenceSampler, split_episodes
 
 __all__ = ["SequenceDataset", "collate_batch", "prepare_batch"]
@@ -58,6 +64,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         seed: int = 0,
         max_train_episodes: int | None = None,
         source: str = "<memory>",
+        chunk_rows: int | None = None,
     ):
         if split not in ("train", "val"):
             raise ValueError(f"{source}: split must be 'train' or 'val', got {split!r}.")
@@ -81,8 +88,9 @@ class SequenceDataset(torch.utils.data.Dataset):
         self._init_kwargs = dict(
             obs_keys=self.obs_keys, n_obs_steps=n_obs_steps, horizon=horizon,
             action_offset=action_offset, val_ratio=val_ratio, seed=seed,
-            max_train_episodes=max_train_episodes, source=self.source,
+            max_train_episodes=max_train_episodes, source=self.source, chunk_rows=chunk_rows,
         )
+        self.chunk_rows = chunk_rows  # steps per chunk of the store's heaviest key: the blocks of `sample_blocks`
         self._keys = keys
         self.split = split
         self.train_episode_ids, self.val_episode_ids = split_episodes(
@@ -124,8 +132,11 @@ class SequenceDataset(torch.utils.data.Dataset):
         return spec
 
     @classmethod
-    def from_store(cls, path, **kwargs) -> "SequenceDataset":
-        """Open a ``TrajectoryStore`` at ``path`` and load only the keys in use."""
+    def from_store(cls, path, *, in_memory: bool | str = True, memory_budget_mb: float = 4096, cache_mb: float = 512,
+                   **kwargs) -> "SequenceDataset":
+        """Open a ``TrajectoryStore`` at ``path`` with only the keys in use: all in memory
+        (``in_memory=True``), the cameras read lazily through a chunk cache of ``cache_mb``
+        (False), or in memory when the keys' decoded bytes fit ``memory_budget_mb`` ("auto")."""
         from il_policies.data.store import TrajectoryStore
 
         store = TrajectoryStore.open(path)
@@ -137,9 +148,29 @@ class SequenceDataset(torch.utils.data.Dataset):
         if missing:
             raise ValueError(f"{source}: keys {missing} are not in the store "
                              f"(it has {sorted(store.keys)}).")
-        data = store.load(keys=wanted)
-        return cls(data, store.episode_ends, {k: store.keys[k] for k in wanted},
-                   store.action_key, obs_keys=obs_keys, source=source, **kwargs)
+        if in_memory == "auto":
+            in_memory = store.nbytes(wanted) <= memory_budget_mb * 2**20
+        elif not isinstance(in_memory, bool):
+            raise ValueError(f"{source}: in_memory must be true, false or 'auto', got {in_memory!r}.")
+        lazy = [] if in_memory else [k for k in wanted if store.keys[k].kind == "rgb"]
+        data = store.load(keys=[k for k in wanted if k not in lazy])
+        cache = ChunkCache(int(cache_mb * 2**20))
+        data |= {k: LazyArray(store, k, cache) for k in lazy}
+        heaviest = max(wanted, key=lambda k: store.nbytes([k]))
+        return cls(data, store.episode_ends, {k: store.keys[k] for k in wanted}, store.action_key, obs_keys=obs_keys,
+                   source=source, chunk_rows=store.chunk_rows(heaviest), **kwargs)
+
+    @property
+    def lazy_keys(self) -> list[str]:
+        return [k for k, v in self.data.items() if isinstance(v, LazyArray)]
+
+    def sample_blocks(self) -> np.ndarray:
+        """Each sample's block: the chunk (of the heaviest key) that holds its current step; the
+        chunk-aligned batch order groups samples by it."""
+        if not self.chunk_rows:
+            raise ValueError(f"{self.source}: the chunk-aligned batch order needs the store's chunk size "
+                             "(build the dataset with from_store).")
+        return self.sampler.obs_indices[:, -1] // self.chunk_rows
 
     def get_validation_dataset(self) -> "SequenceDataset":
         """Same arrays (no copy), ``split="val"``."""
@@ -157,12 +188,14 @@ class SequenceDataset(torch.utils.data.Dataset):
         action_shape = tuple(int(s) for s in _spec(self.specs[self.action_key], "shape"))
         return {"obs": obs, "action": {"shape": action_shape}}
 
-    def fit_data(self) -> dict[str, np.ndarray]:
-        """Raw arrays restricted to the train episodes' steps (for fitting a normalizer)."""
+    def fit_data(self) -> dict[str, np.ndarray | LazyRows]:
+        """Raw arrays restricted to the train episodes' steps (for fitting a normalizer); lazily
+        read keys as `LazyRows`, which the normalizer streams."""
         lengths = np.diff(self.episode_ends, prepend=0)
         step_episode = np.repeat(np.arange(len(lengths)), lengths)
         mask = np.isin(step_episode, self.train_episode_ids)
-        return {k: np.asarray(self.data[k])[mask] for k in [*self.obs_keys, self.action_key]}
+        return {k: LazyRows(self.data[k], np.flatnonzero(mask)) if isinstance(self.data[k], LazyArray)
+                else np.asarray(self.data[k])[mask] for k in [*self.obs_keys, self.action_key]}
 
     def __len__(self) -> int:
         return len(self.sampler)

@@ -25,6 +25,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from il_policies.data.lazy import LazyRows
+
 MODES = ("gaussian", "minmax", "identity", "imagenet")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -91,7 +93,8 @@ class Normalizer(nn.Module):
                 stats.center.copy_(torch.tensor(IMAGENET_MEAN)[:, None, None].expand_as(stats.center))
                 stats.scale.copy_(torch.tensor(IMAGENET_STD)[:, None, None].expand_as(stats.scale))
                 continue
-            center, scale = _fit_stats(np.asarray(data[source_key]), kind, self.modes[key], self.per_pixel)
+            x = data[source_key]  # a LazyRows (a lazily read key) is streamed slice by slice
+            center, scale = _fit_stats(x if isinstance(x, LazyRows) else np.asarray(x), kind, self.modes[key], self.per_pixel)
             stats.center.copy_(torch.as_tensor(center, dtype=torch.float32).reshape(stats.center.shape))
             stats.scale.copy_(torch.as_tensor(scale, dtype=torch.float32).reshape(stats.scale.shape))
         self.fitted.fill_(True)

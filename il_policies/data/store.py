@@ -253,6 +253,20 @@ class TrajectoryStore:
             raise self._err(f"key {key!r} holds NaN or inf at step {row} ({self._episodes_of(row, row + 1)})")
         return out
 
+    def read_rows(self, key: str, lo: int, hi: int) -> np.ndarray:
+        """Steps [lo, hi) of one key, validated like load() (what lazy datasets read chunk by chunk)."""
+        self._check_key(key)
+        return self._read(key, lo, hi)
+
+    def chunk_rows(self, key: str) -> int:
+        """Steps per chunk of a key along axis 0."""
+        self._check_key(key)
+        return int(self._arrays[key].chunks[0])
+
+    def nbytes(self, keys) -> int:
+        """Decoded bytes of the given keys over all committed steps."""
+        return sum(self.n_steps * math.prod(self.keys[k].shape) * np.dtype(self.keys[k].dtype).itemsize for k in keys)
+
     def _check_key(self, key: str) -> None:
         if key not in self.keys:
             raise self._err(f"key {key!r} is not in the schema (keys: {', '.join(sorted(self.keys))})")

@@ -25,7 +25,17 @@ from il_policies.policies.registry import available_policies, policy_class
 class DataConfig:
     val_ratio: float = 0.1  # fraction of whole episodes held out for validation
     max_train_episodes: int | None = None  # e.g. 8 to train on exactly 8 trajectories
-    num_workers: int = 0
+    # Stores larger than memory: the cameras read chunk by chunk through a cache (false), all in memory
+    # (true), or in memory when the keys in use fit memory_budget_mb decoded (auto). Same batches either way.
+    in_memory: str = "auto"
+    memory_budget_mb: float = 4096
+    cache_mb: float = 512  # lazy reads: the decoded-chunk cache of each loading process
+    # random: a seeded permutation of every window each epoch; chunked: the same, visiting the store's
+    # chunks in a random order and shuffling within runs of chunks_per_shuffle (cheap lazy reads).
+    batch_order: str = "random"
+    chunks_per_shuffle: int = 16
+    num_workers: int = 0  # loader processes, persistent, each opening the store itself
+    prefetch_batches: int = 2  # batches each worker prepares ahead (num_workers > 0)
 
 
 @dataclass
@@ -90,6 +100,13 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def data_reading(data) -> dict:
+    """`SequenceDataset.from_store`'s reading options from the `data` config."""
+    in_memory = str(data.in_memory).lower()
+    return {"in_memory": in_memory if in_memory == "auto" else in_memory == "true",
+            "memory_budget_mb": data.memory_budget_mb, "cache_mb": data.cache_mb}
 
 
 def resolved_training_preset(preset: TrainingPreset, training) -> TrainingPreset:

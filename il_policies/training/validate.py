@@ -60,6 +60,11 @@ def check_train_config(cfg: DictConfig) -> None:
     for key, value in {"training.num_threads": t.num_threads, "data.max_train_episodes": d.max_train_episodes}.items():
         _check(value is None or (_is_int(value) and value >= 1), key, value, "a positive integer or null")
     _check(_is_number(d.val_ratio) and 0 <= d.val_ratio < 1, "data.val_ratio", d.val_ratio, "a number in [0, 1)")
+    _check(str(d.in_memory).lower() in ("auto", "true", "false"), "data.in_memory", d.in_memory, "one of auto, true, false")
+    _check(d.batch_order in ("random", "chunked"), "data.batch_order", d.batch_order, "one of random, chunked")
+    for key in ("memory_budget_mb", "cache_mb"):
+        _check(_is_number(d[key]) and d[key] >= 0, f"data.{key}", d[key], "a number of MiB >= 0")
+    check_integers({"data.chunks_per_shuffle": d.chunks_per_shuffle, "data.prefetch_batches": d.prefetch_batches}, minimum=1)
     if t.lr is not None:
         _check(_is_number(t.lr) and t.lr > 0, "training.lr", t.lr, "a positive number")
     for key in ("weight_decay", "grad_clip"):

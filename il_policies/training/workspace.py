@@ -31,7 +31,7 @@ from il_policies.envs.demos import check_generation_complete, check_store_matche
 from il_policies.generative_checks import decoder_checks
 from il_policies.policies import make_policy
 from il_policies.policies.registry import config_to_dict, make_config
-from il_policies.training.config import resolved_training_preset
+from il_policies.training.config import data_reading, resolved_training_preset
 from il_policies.training.distributed import DistributedContext, GlobalBatchOrder
 from il_policies.training.logger import RunLogger
 from il_policies.training.state import capture_rng, clip_grad_norm, resolve_device, restore_rng, seed_everything
@@ -76,6 +76,7 @@ class Workspace:
             val_ratio=cfg.data.val_ratio,
             seed=cfg.seed,
             max_train_episodes=cfg.data.max_train_episodes,
+            **data_reading(cfg.data),
         )
         self.val_dataset = self.dataset.get_validation_dataset()
         self.policy = make_policy(policy_config, self.dataset.shape_meta)
@@ -120,7 +121,9 @@ class Workspace:
         self.ema = None
         if preset.ema.enabled:
             self.ema = EMAModel(self.policy.parameters(), decay=preset.ema.decay, power=preset.ema.power, use_ema_warmup=True)
-        self.batch_order = GlobalBatchOrder(len(self.dataset), cfg.training.batch_size, cfg.seed, self.ctx)
+        blocks = self.dataset.sample_blocks() if cfg.data.batch_order == "chunked" else None
+        self.batch_order = GlobalBatchOrder(len(self.dataset), cfg.training.batch_size, cfg.seed, self.ctx, blocks,
+                                            cfg.data.chunks_per_shuffle)
         self.model = self.policy
         if self.ctx.enabled:
             self.model = torch.nn.parallel.DistributedDataParallel(
@@ -210,6 +213,8 @@ class Workspace:
             batch_sampler=self.batch_order.iter_from(self.step),
             collate_fn=collate_batch,
             num_workers=self.cfg.data.num_workers,
+            persistent_workers=self.cfg.data.num_workers > 0,
+            prefetch_factor=self.cfg.data.prefetch_batches if self.cfg.data.num_workers else None,
             # Its own generator: creating the loader must not consume the global RNG, or resuming
             # (which creates it mid-run) would shift every later dropout mask.
             generator=torch.Generator().manual_seed(self.cfg.seed + self.step),
