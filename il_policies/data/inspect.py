@@ -51,6 +51,7 @@ def summarize(store: TrajectoryStore) -> str:
         f"steps:       {store.n_steps}",
         "length:      " + (f"min {lens.min()}  mean {lens.mean():.1f}  max {lens.max()}" if lens.size else "-"),
         f"seeds:       {'recorded' if store.episode_seeds is not None else 'none'}",
+        *[f"stored:      {key}: {store.storage(key)}" for key in sorted(store.keys)],
         "",
     ]
     header = ("key", "kind", "shape", "dtype", "min", "max", "mean", "std")

@@ -31,6 +31,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from il_policies.data.codecs import ImageCodec, parse_image_codec
 from il_policies.data.paths import built_aside, check_output_path, open_group
 from il_policies.data.schema import (FORMAT_VERSION, KINDS, KeySpec, StoreError, check_new_schema, conform_episode,
                                     exc_text, first_nonfinite_row, infer_schema, parse_schema)
@@ -51,9 +52,19 @@ def _chunk_rows(spec: KeySpec) -> int:
     return rows if spec.kind == "rgb" else min(rows, MAX_LOW_DIM_CHUNK_ROWS)
 
 
-def _compressor(spec: KeySpec) -> BloscCodec:
+def _layout(spec: KeySpec, image_codec: ImageCodec | None) -> dict:
+    """How a key's array is chunked and compressed: Blosc zstd chunks of ~2 MB, or for cameras with
+    an image codec one encoded frame per chunk inside shards of ~2 MB decoded."""
+    rows = _chunk_rows(spec)
+    if spec.kind == "rgb" and image_codec is not None:
+        return {"chunks": (1, *spec.shape), "shards": (rows, *spec.shape), "serializer": image_codec, "compressors": None}
     shuffle = "bitshuffle" if spec.kind == "rgb" else "shuffle"
-    return BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)
+    return {"chunks": (rows, *spec.shape), "compressors": BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)}
+
+
+def _rows_per_file(arr) -> int:
+    """Steps per stored object along axis 0: a shard's, or a chunk's where the array has no shards."""
+    return int((arr.shards or arr.chunks)[0])
 
 
 class TrajectoryStore:
@@ -68,23 +79,30 @@ class TrajectoryStore:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def create(cls, path, keys: dict[str, KeySpec], *, fps: float, task: str,
-               provenance: dict | None = None, overwrite: bool = False) -> "TrajectoryStore":
+    def create(cls, path, keys: dict[str, KeySpec], *, fps: float, task: str, provenance: dict | None = None,
+               overwrite: bool = False, image_codec: str | ImageCodec | None = None) -> "TrajectoryStore":
+        """An empty store; `image_codec` (e.g. "jpeg:95", see `il_policies.data.codecs`) stores the
+        camera keys as one image per frame instead of Blosc zstd chunks."""
         path = pathlib.Path(path)
 
         def err(msg):
             return StoreError(f"trajectory store {path}: {msg}.")
 
         provenance = check_new_schema(keys, fps, task, provenance, err)
+        try:
+            codec = image_codec if isinstance(image_codec, ImageCodec) or image_codec is None else parse_image_codec(image_codec)
+        except ValueError as e:
+            raise err(f"its image codec is invalid ({e})") from None
+        for name, spec in keys.items():
+            if codec is not None and spec.kind == "rgb" and spec.shape[-1] not in (1, 3):
+                raise err(f"key {name!r} has {spec.shape[-1]} channels, and image codecs store frames of 1 or 3")
         check_output_path(path, overwrite)
         try:
             with built_aside(path, overwrite) as building:  # the store appears whole or not at all
                 group = zarr.open_group(str(building), mode="w-", zarr_format=3)
                 data, meta = group.create_group("data"), group.create_group("meta")
                 for name, spec in keys.items():
-                    data.create_array(name, shape=(0, *spec.shape), dtype=spec.dtype,
-                                      chunks=(_chunk_rows(spec), *spec.shape),
-                                      compressors=_compressor(spec), fill_value=0)
+                    data.create_array(name, shape=(0, *spec.shape), dtype=spec.dtype, fill_value=0, **_layout(spec, codec))
                 meta.create_array("episode_ends", shape=(0,), dtype="int64", chunks=(META_CHUNK,),
                                   compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"))
                 group.attrs[ATTR] = {"format_version": FORMAT_VERSION,
@@ -239,7 +257,7 @@ class TrajectoryStore:
         try:
             out = arr[lo:hi]
         except Exception as e:
-            exc, c = e, int(arr.chunks[0])
+            exc, c = e, _rows_per_file(arr)
             for a in range(lo - lo % c, hi, c):  # locate the first bad chunk
                 try:
                     arr[max(a, lo):min(a + c, hi)]
@@ -259,9 +277,20 @@ class TrajectoryStore:
         return self._read(key, lo, hi)
 
     def chunk_rows(self, key: str) -> int:
-        """Steps per chunk of a key along axis 0."""
+        """Steps per stored object (chunk or shard) of a key along axis 0: what a lazy read decodes at once."""
         self._check_key(key)
-        return int(self._arrays[key].chunks[0])
+        return _rows_per_file(self._arrays[key])
+
+    def storage(self, key: str) -> str:
+        """How a key is stored, e.g. "jpeg:95, 1 frame per chunk, 298 per shard" or "blosc zstd, 298 per chunk"."""
+        arr = self._arrays[key]
+        if arr.shards:
+            codec = arr.serializer
+            name = f"{codec.format}:{codec.quality or 'lossless'}" if isinstance(codec, ImageCodec) else type(codec).__name__
+            return f"{name}, {arr.chunks[0]} per chunk, {arr.shards[0]} per shard"
+        names = [getattr(c, "cname", None) for c in arr.compressors]
+        kind = " ".join(f"blosc {n.value if hasattr(n, 'value') else n}" for n in names if n) or "uncompressed"
+        return f"{kind}, {arr.chunks[0]} per chunk"
 
     def nbytes(self, keys) -> int:
         """Decoded bytes of the given keys over all committed steps."""
@@ -290,7 +319,7 @@ class TrajectoryStore:
     def iter_chunks(self, key: str) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (start_step, rows) chunk by chunk over one key, validated like load()."""
         self._check_key(key)
-        c = int(self._arrays[key].chunks[0])
+        c = _rows_per_file(self._arrays[key])
         for lo in range(0, self.n_steps, c):
             yield lo, self._read(key, lo, min(lo + c, self.n_steps))
 
@@ -300,9 +329,9 @@ class TrajectoryStore:
         self._load_structure()
         for key in self.keys:
             arr = self._arrays[key]
-            c = int(arr.chunks[0])
-            # chunks of our own v3 stores are all written, so a missing one was lost (it would read as zeros)
-            if not self.schema_inferred and self.zarr_format == 3 and tuple(arr.chunks[1:]) == tuple(arr.shape[1:]):
+            c = _rows_per_file(arr)
+            # chunks (shards) of our own v3 stores are all written, so a missing one was lost (it would read as zeros)
+            if not self.schema_inferred and self.zarr_format == 3 and tuple((arr.shards or arr.chunks)[1:]) == tuple(arr.shape[1:]):
                 for i in range(-(-self.n_steps // c)):
                     ckey = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
                     if not (self.path / "data" / key / ckey).exists():
