@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-import il_policies.data.store as store_mod
+import il_policies.data.layout as layout
 from il_policies.data.store import KeySpec, TrajectoryStore
 
 KEYS = {"state": KeySpec((5,), "float32", "low_dim"),
@@ -37,5 +37,5 @@ def main(path: Path, n: int) -> None:
 
 
 if __name__ == "__main__":
-    store_mod.CHUNK_TARGET_BYTES = 512  # small chunks: episodes straddle chunk boundaries, appends rewrite chunks
+    layout.CHUNK_TARGET_BYTES = 512  # small chunks: episodes straddle chunk boundaries, appends rewrite chunks
     main(Path(sys.argv[1]), int(sys.argv[2]))

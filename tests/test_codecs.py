@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-import il_policies.data.store as store_module
+import il_policies.data.layout as layout
 from il_policies.data.codecs import ImageCodec, parse_image_codec
 from il_policies.data.dataset import SequenceDataset
 from il_policies.data.store import KeySpec, StoreError, TrajectoryStore
@@ -42,7 +42,7 @@ def episode(length: int, seed: int) -> dict[str, np.ndarray]:
 def write(path, codec: str, lengths=(9, 14, 6)) -> list[dict]:
     episodes = [episode(n, i) for i, n in enumerate(lengths)]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(store_module, "CHUNK_TARGET_BYTES", 5 * SIZE * SIZE * 3)  # shards of 5 frames: episodes straddle them
+        patch.setattr(layout, "CHUNK_TARGET_BYTES", 5 * SIZE * SIZE * 3)  # shards of 5 frames: episodes straddle them
         store = TrajectoryStore.create(path, KEYS, fps=10.0, task="codec_test", image_codec=codec)
         for i, ep in enumerate(episodes):
             store.append_episode(ep, seed=i)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import il_policies.data.store as store_module
+import il_policies.data.layout as layout
 from il_policies.data.dataset import SequenceDataset
 from il_policies.data.lazy import ChunkCache, LazyArray
 from il_policies.data.normalizer import Normalizer
@@ -25,7 +25,7 @@ CHUNK_ROWS = 7  # small chunks, so windows cross chunk boundaries and the cache 
 def chunked_store(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("lazy") / "chunked.zarr"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(store_module, "CHUNK_TARGET_BYTES", CHUNK_ROWS * ROW_BYTES)
+        patch.setattr(layout, "CHUNK_TARGET_BYTES", CHUNK_ROWS * ROW_BYTES)
         write_linear_store(path, n_episodes=6, length=23, image_size=12)
     return str(path)
 
@@ -127,7 +127,7 @@ def test_a_pickled_lazy_array_carries_no_arrays_and_reopens_the_store(chunked_st
 def test_a_corrupt_chunk_read_lazily_names_the_store_key_and_episode(tmp_path):
     path = tmp_path / "corrupt.zarr"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(store_module, "CHUNK_TARGET_BYTES", CHUNK_ROWS * ROW_BYTES)
+        patch.setattr(layout, "CHUNK_TARGET_BYTES", CHUNK_ROWS * ROW_BYTES)
         write_linear_store(path, n_episodes=3, length=10, image_size=12)
     (path / "data/image/c/2/0/0/0").write_bytes(b"junk" * 20)  # steps 14-20: episodes 1-2
     lazy = SequenceDataset.from_store(path, in_memory=False, val_ratio=0)

@@ -15,7 +15,7 @@ import pytest
 import zarr
 from hypothesis import given, settings, strategies as st
 
-import il_policies.data.store as store_mod
+import il_policies.data.layout as layout
 from il_policies.data.inspect import main as inspect_main
 from il_policies.data.store import KeySpec, StoreError, TrajectoryStore
 
@@ -36,7 +36,7 @@ def make_episode(length: int, rng: np.random.Generator) -> dict[str, np.ndarray]
 @pytest.fixture
 def small_chunks(monkeypatch):
     # 21 image rows / 26 state rows per chunk, so episodes span several chunks
-    monkeypatch.setattr(store_mod, "CHUNK_TARGET_BYTES", 4096)
+    monkeypatch.setattr(layout, "CHUNK_TARGET_BYTES", 4096)
 
 
 @pytest.fixture

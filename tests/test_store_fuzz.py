@@ -11,7 +11,7 @@ import pytest
 import zarr
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import il_policies.data.store as store_mod
+import il_policies.data.layout as layout
 from il_policies.data.dataset import SequenceDataset
 from il_policies.data.store import KeySpec, StoreError, TrajectoryStore
 
@@ -104,7 +104,7 @@ ALWAYS_REFUSED = {"garbage_array_metadata", "garbage_root_metadata", "keys_not_a
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(store_mod, "CHUNK_TARGET_BYTES", 64)
+    monkeypatch.setattr(layout, "CHUNK_TARGET_BYTES", 64)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,5 +1,9 @@
-"""Where a trajectory store lives on disk: opening one as a zarr group, and writing a whole store
-aside and renaming it into place, so that an output path holds a complete store or nothing new."""
+"""Where a trajectory store lives: opening one as a zarr group, and writing a whole store aside and
+renaming it into place, so that an output path holds a complete store or nothing new.
+
+A store is a local path or a URL (`s3://bucket/demo.zarr`, `gs://...`, `file:///...`), opened
+through zarr's fsspec store; credentials and endpoints come from the filesystem's usual environment
+variables (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_PROFILE)."""
 
 from __future__ import annotations
 
@@ -13,7 +17,16 @@ import zarr
 
 from il_policies.data.schema import StoreError, exc_text
 
-__all__ = ["built_aside", "check_output_path", "open_group"]
+__all__ = ["built_aside", "check_output_path", "is_url", "open_group", "store_location"]
+
+
+def is_url(path) -> bool:
+    return isinstance(path, str) and "://" in path
+
+
+def store_location(path) -> pathlib.Path | str:
+    """A local path as a Path; a URL stays a string (a Path would fold its `//`)."""
+    return path if is_url(path) else pathlib.Path(path)
 
 
 def check_output_path(out: pathlib.Path, overwrite: bool) -> None:
@@ -47,7 +60,27 @@ def built_aside(out, overwrite: bool = False) -> Iterator[pathlib.Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def open_group(path: pathlib.Path, mode: str):
+def open_remote_group(url: str, mode: str, zarr_format: int | None = None):
+    """A zarr group at a URL through fsspec (mode "w-" creates one, refusing an existing group)."""
+    try:
+        return zarr.open_group(url, mode=mode, use_consolidated=False, zarr_format=zarr_format)
+    except ImportError as e:
+        raise StoreError(f"trajectory store {url}: reading {url.split('://')[0]}:// URLs needs {e.name or 'its fsspec filesystem'} "
+                         f"installed (s3fs for s3://, gcsfs for gs://).") from None
+    except (zarr.errors.ContainsGroupError, FileExistsError):
+        raise StoreError(f"trajectory store {url}: a store already exists there (pass overwrite=True / --overwrite to replace it).") from None
+    except zarr.errors.ContainsArrayError:
+        raise StoreError(f"trajectory store {url}: the URL holds a zarr array, not a zarr group.") from None
+    except FileNotFoundError:  # GroupNotFoundError subclasses it
+        raise StoreError(f"trajectory store {url}: no zarr group is stored at this URL.") from None
+    except Exception as e:
+        raise StoreError(f"trajectory store {url}: cannot open it as a zarr group ({exc_text(e)}).") from None
+
+
+def open_group(path, mode: str):
+    if is_url(path):
+        return open_remote_group(path, mode)
+    path = pathlib.Path(path)
     if not path.exists():
         raise StoreError(f"trajectory store {path}: the path does not exist.")
     if not path.is_dir():

@@ -22,6 +22,7 @@ where relevant, the key and the episode.  One writer at a time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pathlib
@@ -30,9 +31,11 @@ from typing import Iterator
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.core.sync import sync
 
 from il_policies.data.codecs import ImageCodec, parse_image_codec
-from il_policies.data.paths import built_aside, check_output_path, open_group
+from il_policies.data.layout import META_CHUNK, describe_layout, key_layout, rows_per_file
+from il_policies.data.paths import built_aside, check_output_path, is_url, open_group, open_remote_group, store_location
 from il_policies.data.schema import (FORMAT_VERSION, KINDS, KeySpec, StoreError, check_new_schema, conform_episode,
                                     exc_text, first_nonfinite_row, infer_schema, parse_schema)
 
@@ -40,38 +43,14 @@ __all__ = ["FORMAT_VERSION", "KINDS", "KeySpec", "StoreError", "TrajectoryStore"
 
 ATTR = "il_policies"
 ENDS, SEEDS = "meta/episode_ends", "meta/episode_seeds"
-CHUNK_TARGET_BYTES = 2 << 20  # ~2 MB per chunk along axis 0
-MAX_LOW_DIM_CHUNK_ROWS = 4096
-META_CHUNK = 4096
 _WRITE_CFG = {"write_empty_chunks": True}  # every chunk exists on disk -> validate() can spot lost ones
-
-
-def _chunk_rows(spec: KeySpec) -> int:
-    row_bytes = max(1, math.prod(spec.shape) * np.dtype(spec.dtype).itemsize)
-    rows = max(1, CHUNK_TARGET_BYTES // row_bytes)
-    return rows if spec.kind == "rgb" else min(rows, MAX_LOW_DIM_CHUNK_ROWS)
-
-
-def _layout(spec: KeySpec, image_codec: ImageCodec | None) -> dict:
-    """How a key's array is chunked and compressed: Blosc zstd chunks of ~2 MB, or for cameras with
-    an image codec one encoded frame per chunk inside shards of ~2 MB decoded."""
-    rows = _chunk_rows(spec)
-    if spec.kind == "rgb" and image_codec is not None:
-        return {"chunks": (1, *spec.shape), "shards": (rows, *spec.shape), "serializer": image_codec, "compressors": None}
-    shuffle = "bitshuffle" if spec.kind == "rgb" else "shuffle"
-    return {"chunks": (rows, *spec.shape), "compressors": BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)}
-
-
-def _rows_per_file(arr) -> int:
-    """Steps per stored object along axis 0: a shard's, or a chunk's where the array has no shards."""
-    return int((arr.shards or arr.chunks)[0])
 
 
 class TrajectoryStore:
     """Episodes of (obs..., action) steps in a zarr group.  Build with create() or open()."""
 
     def __init__(self, path, group, mode: str):
-        self.path = pathlib.Path(path)
+        self.path = store_location(path)  # a Path, or the URL of a remote store
         self.mode = mode
         self._group = group
         self.zarr_format: int = group.metadata.zarr_format
@@ -82,8 +61,9 @@ class TrajectoryStore:
     def create(cls, path, keys: dict[str, KeySpec], *, fps: float, task: str, provenance: dict | None = None,
                overwrite: bool = False, image_codec: str | ImageCodec | None = None) -> "TrajectoryStore":
         """An empty store; `image_codec` (e.g. "jpeg:95", see `il_policies.data.codecs`) stores the
-        camera keys as one image per frame instead of Blosc zstd chunks."""
-        path = pathlib.Path(path)
+        camera keys as one image per frame instead of Blosc zstd chunks. A URL is written in place
+        (an object store cannot rename a folder): the root attributes, written last, make it a store."""
+        path = store_location(path)
 
         def err(msg):
             return StoreError(f"trajectory store {path}: {msg}.")
@@ -96,27 +76,34 @@ class TrajectoryStore:
         for name, spec in keys.items():
             if codec is not None and spec.kind == "rgb" and spec.shape[-1] not in (1, 3):
                 raise err(f"key {name!r} has {spec.shape[-1]} channels, and image codecs store frames of 1 or 3")
-        check_output_path(path, overwrite)
+        remote = is_url(path)
+        if not remote:
+            check_output_path(path, overwrite)
         try:
-            with built_aside(path, overwrite) as building:  # the store appears whole or not at all
-                group = zarr.open_group(str(building), mode="w-", zarr_format=3)
+            # a local store appears whole or not at all
+            with contextlib.nullcontext(path) if remote else built_aside(path, overwrite) as building:
+                group = (open_remote_group(path, "w" if overwrite else "w-", zarr_format=3) if remote
+                         else zarr.open_group(str(building), mode="w-", zarr_format=3))
                 data, meta = group.create_group("data"), group.create_group("meta")
                 for name, spec in keys.items():
-                    data.create_array(name, shape=(0, *spec.shape), dtype=spec.dtype, fill_value=0, **_layout(spec, codec))
+                    data.create_array(name, shape=(0, *spec.shape), dtype=spec.dtype, fill_value=0, **key_layout(spec, codec))
                 meta.create_array("episode_ends", shape=(0,), dtype="int64", chunks=(META_CHUNK,),
                                   compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"))
                 group.attrs[ATTR] = {"format_version": FORMAT_VERSION,
                                      "keys": {k: s.to_json() for k, s in keys.items()},
                                      "fps": float(fps), "task": task, "provenance": provenance,
                                      "committed_episodes": 0, "committed_steps": 0}
+        except StoreError:
+            raise
         except Exception as e:
             raise err(f"creating it failed ({exc_text(e)})") from None
         return cls.open(path, mode="a")
 
     @classmethod
     def open(cls, path, mode: str = "r") -> "TrajectoryStore":
-        """Open for reading ("r") or appending ("a"); runs the cheap (metadata-only) checks."""
-        path = pathlib.Path(path)
+        """Open for reading ("r") or appending ("a"); runs the cheap (metadata-only) checks. `path`
+        may be a URL (see `il_policies.data.paths`)."""
+        path = store_location(path)
         if mode not in ("r", "a"):
             raise StoreError(f"trajectory store {path}: mode must be 'r' or 'a', got {mode!r}.")
         return cls(path, open_group(path, "r" if mode == "r" else "r+"), mode)
@@ -257,7 +244,7 @@ class TrajectoryStore:
         try:
             out = arr[lo:hi]
         except Exception as e:
-            exc, c = e, _rows_per_file(arr)
+            exc, c = e, rows_per_file(arr)
             for a in range(lo - lo % c, hi, c):  # locate the first bad chunk
                 try:
                     arr[max(a, lo):min(a + c, hi)]
@@ -279,18 +266,12 @@ class TrajectoryStore:
     def chunk_rows(self, key: str) -> int:
         """Steps per stored object (chunk or shard) of a key along axis 0: what a lazy read decodes at once."""
         self._check_key(key)
-        return _rows_per_file(self._arrays[key])
+        return rows_per_file(self._arrays[key])
 
     def storage(self, key: str) -> str:
-        """How a key is stored, e.g. "jpeg:95, 1 frame per chunk, 298 per shard" or "blosc zstd, 298 per chunk"."""
-        arr = self._arrays[key]
-        if arr.shards:
-            codec = arr.serializer
-            name = f"{codec.format}:{codec.quality or 'lossless'}" if isinstance(codec, ImageCodec) else type(codec).__name__
-            return f"{name}, {arr.chunks[0]} per chunk, {arr.shards[0]} per shard"
-        names = [getattr(c, "cname", None) for c in arr.compressors]
-        kind = " ".join(f"blosc {n.value if hasattr(n, 'value') else n}" for n in names if n) or "uncompressed"
-        return f"{kind}, {arr.chunks[0]} per chunk"
+        """How a key is stored, e.g. "jpeg:95, 1 per chunk, 298 per shard" or "blosc zstd, 99 per chunk"."""
+        self._check_key(key)
+        return describe_layout(self._arrays[key])
 
     def nbytes(self, keys) -> int:
         """Decoded bytes of the given keys over all committed steps."""
@@ -319,7 +300,7 @@ class TrajectoryStore:
     def iter_chunks(self, key: str) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (start_step, rows) chunk by chunk over one key, validated like load()."""
         self._check_key(key)
-        c = _rows_per_file(self._arrays[key])
+        c = rows_per_file(self._arrays[key])
         for lo in range(0, self.n_steps, c):
             yield lo, self._read(key, lo, min(lo + c, self.n_steps))
 
@@ -329,12 +310,12 @@ class TrajectoryStore:
         self._load_structure()
         for key in self.keys:
             arr = self._arrays[key]
-            c = _rows_per_file(arr)
+            c = rows_per_file(arr)
             # chunks (shards) of our own v3 stores are all written, so a missing one was lost (it would read as zeros)
             if not self.schema_inferred and self.zarr_format == 3 and tuple((arr.shards or arr.chunks)[1:]) == tuple(arr.shape[1:]):
                 for i in range(-(-self.n_steps // c)):
                     ckey = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
-                    if not (self.path / "data" / key / ckey).exists():
+                    if not sync(self._group.store.exists(f"data/{key}/{ckey}")):
                         lo, hi = i * c, min((i + 1) * c, self.n_steps)
                         raise self._err(f"key {key!r} is missing the chunk file for steps {lo}-{hi - 1} "
                                         f"({self._episodes_of(lo, hi)})")
@@ -429,6 +410,6 @@ class TrajectoryStore:
             self._ends_arr.resize((self.n_episodes,))
         if self._seeds_arr is not None and self._seeds_arr.shape[0] != self._seeds.size:
             self._seeds_arr.resize((self._seeds.size,))
-        for partial in self.path.rglob("*.partial"):
+        for partial in self.path.rglob("*.partial") if isinstance(self.path, pathlib.Path) else ():
             partial.unlink(missing_ok=True)
         self.has_uncommitted_tail = False

@@ -95,6 +95,10 @@ def check_train_config(cfg: DictConfig) -> None:
 def _check_dataset_path(task: DictConfig) -> None:
     path = OmegaConf.select(task, "dataset_path")
     _check(isinstance(path, str) and path != "", "task.dataset_path", path, "a path")
+    suite = OmegaConf.select(task, "suite")
+    if "://" in path:  # a remote store: opening it says what is wrong with it; tasks generate only to local disk
+        _check(suite in (None, "dataset"), "task.dataset_path", path, "a local path for a task that generates its dataset")
+        return
     if OmegaConf.select(task, "suite") in (None, "dataset") and not Path(path).exists():  # nothing generates it
         raise ConfigError(f"config value task.dataset_path={path!r} is invalid: the path does not exist.")
     _check(not Path(path).is_file(), "task.dataset_path", path, "a zarr store folder, not a file")
