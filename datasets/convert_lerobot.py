@@ -13,6 +13,7 @@ import sys
 if importlib.util.find_spec("il_policies") is None:  # not installed with `pip install -e .`: run from a checkout
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from il_policies.data.codecs import IMAGE_CODEC_HELP  # noqa: E402
 from il_policies.data.lerobot_import import convert_lerobot, parse_episodes  # noqa: E402
 
 
@@ -22,10 +23,11 @@ def main(argv=None) -> int:
     p.add_argument("out", help="output .zarr store")
     p.add_argument("--episodes", help="episode indices to convert, e.g. 0-49 or 3,5,7-9 (default: all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at OUT")
+    p.add_argument("--image-codec", help=IMAGE_CODEC_HELP)
     a = p.parse_args(argv)
     try:
         episodes = None if a.episodes is None else parse_episodes(a.episodes)
-        store = convert_lerobot(a.src, a.out, episodes=episodes, overwrite=a.overwrite)
+        store = convert_lerobot(a.src, a.out, episodes=episodes, overwrite=a.overwrite, image_codec=a.image_codec)
     except ValueError as e:  # StoreError and friends
         print(str(e), file=sys.stderr)
         return 2

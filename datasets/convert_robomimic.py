@@ -14,6 +14,7 @@ try:  # installed with `pip install -e .`; otherwise run from a checkout
 except ImportError:
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from il_policies.data.codecs import IMAGE_CODEC_HELP  # noqa: E402
 from il_policies.data.robomimic_import import convert_robomimic  # noqa: E402
 
 
@@ -25,11 +26,12 @@ def main(argv=None) -> int:
     p.add_argument("--obs-keys", help="comma-separated obs keys to keep (default: all)")
     p.add_argument("--fps", type=float, help="default: env_kwargs control_freq, else 20")
     p.add_argument("--filter-key", help="convert only the demos in mask/NAME")
+    p.add_argument("--image-codec", help=IMAGE_CODEC_HELP)
     a = p.parse_args(argv)
     obs_keys = None if a.obs_keys is None else [k.strip() for k in a.obs_keys.split(",") if k.strip()]
     try:
         store = convert_robomimic(a.hdf5, a.out, obs_keys=obs_keys, fps=a.fps,
-                                  filter_key=a.filter_key, overwrite=a.overwrite)
+                                  filter_key=a.filter_key, overwrite=a.overwrite, image_codec=a.image_codec)
     except ValueError as e:  # StoreError and friends
         print(str(e), file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ def main(cfg: DictConfig) -> None:
         check_integers({"seed_start": cfg.seed_start}, minimum=0)
         store = generate_demos(
             task, cfg.output, cfg.n_episodes, seed_start=cfg.seed_start, keep_failures=cfg.keep_failures,
-            overwrite=cfg.overwrite, n_envs=cfg.n_envs,
+            overwrite=cfg.overwrite, n_envs=cfg.n_envs, image_codec=cfg.image_codec,
             task_options=OmegaConf.to_container(cfg.task.env_options, resolve=True),
         )
     except (StoreError, RuntimeError, ValueError) as error:

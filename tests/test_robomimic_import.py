@@ -188,6 +188,13 @@ def test_cli(rm_file, tmp_path):
     assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
     assert "'gripper'" in r.stderr and "'demo_0'" in r.stderr and str(rm_file) in r.stderr
     assert TrajectoryStore.open(out).n_episodes == 2  # the failed overwrite left the old store in place
+    lossless = tmp_path / "png.zarr"
+    r = _cli(rm_file, lossless, "--image-codec", "png")
+    assert r.returncode == 0, r.stderr
+    images = TrajectoryStore.open(lossless)
+    assert images.storage("agentview_image").startswith("png") and images.storage("robot0_eef_pos").startswith("blosc")
+    reference = convert_robomimic(rm_file, tmp_path / "blosc.zarr")
+    np.testing.assert_array_equal(images.load(["agentview_image"])["agentview_image"], reference.load(["agentview_image"])["agentview_image"])
 
 
 def _robomimic_functions(*names):

@@ -21,9 +21,11 @@ from zarr.abc.codec import ArrayBytesCodec
 from zarr.core.buffer import Buffer, NDBuffer
 from zarr.registry import register_codec
 
-__all__ = ["CODEC_NAME", "FORMATS", "ImageCodec", "parse_image_codec"]
+__all__ = ["CODEC_NAME", "FORMATS", "IMAGE_CODEC_HELP", "ImageCodec", "parse_image_codec"]
 
 CODEC_NAME = "il_policies.image"
+IMAGE_CODEC_HELP = ("store the cameras as one image per frame: jpeg:95, jpegxl:90, jpegxl:lossless, avif:90, webp:90, png, qoi "
+                    "(default: Blosc zstd; the README's dataset section compares them)")
 LOSSLESS_ONLY = ("png", "qoi")
 FORMATS = ("jpeg", "jpegxl", "avif", "webp", "png", "qoi")
 

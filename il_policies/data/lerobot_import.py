@@ -321,10 +321,12 @@ def _read_info(src: pathlib.Path, err) -> dict:
     return info
 
 
-def convert_lerobot(src_dir, out_path, *, episodes: list[int] | None = None, overwrite: bool = False) -> TrajectoryStore:
+def convert_lerobot(src_dir, out_path, *, episodes: list[int] | None = None, overwrite: bool = False,
+                    image_codec: str | None = None) -> TrajectoryStore:
     """Write the episodes of LeRobotDataset directory `src_dir` (all, or the episode indices in
     `episodes`) to a new store at `out_path`; return it opened read-only.  The store is written
-    aside and renamed into place, so a failed conversion leaves `out_path` as it was."""
+    aside and renamed into place, so a failed conversion leaves `out_path` as it was. `image_codec`
+    stores the cameras as images per frame (e.g. "jpeg:95", `il_policies.data.codecs`)."""
     src = pathlib.Path(os.path.expanduser(str(src_dir))).absolute()
     out = pathlib.Path(out_path)
 
@@ -363,7 +365,8 @@ def convert_lerobot(src_dir, out_path, *, episodes: list[int] | None = None, ove
     try:
         with built_aside(out, overwrite) as tmp:
             store = TrajectoryStore.create(tmp, {k: spec for k, (_, spec) in plan.items()}, fps=fps,
-                                           task=distinct[0] if len(distinct) == 1 else src.name, provenance=provenance)
+                                           task=distinct[0] if len(distinct) == 1 else src.name, provenance=provenance,
+                                           image_codec=image_codec)
             pending: list[dict] = []  # written a few thousand steps at a time: short episodes cost one write each otherwise
             for ep in (by_index[e] for e in chosen):
                 table = _episode_rows(cache, src, ep, columns, err)

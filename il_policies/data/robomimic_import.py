@@ -127,11 +127,12 @@ def _plan(f: h5py.File, demos: list[str], obs_keys: list[str] | None, err) -> di
 
 
 def convert_robomimic(hdf5_path, out_path, *, obs_keys: list[str] | None = None, fps: float | None = None,
-                      filter_key: str | None = None, overwrite: bool = False) -> TrajectoryStore:
+                      filter_key: str | None = None, overwrite: bool = False, image_codec: str | None = None) -> TrajectoryStore:
     """Write the demos of robomimic file `hdf5_path` to a new store at `out_path`; return it opened read-only.
 
     obs_keys: the obs keys to keep (default: all).  fps: default env_kwargs['control_freq'], else 20.
-    filter_key: convert only the demos listed in mask/<filter_key>.  The store is written next to
+    filter_key: convert only the demos listed in mask/<filter_key>.  image_codec: store the cameras as
+    images per frame (e.g. "jpeg:95", `il_policies.data.codecs`).  The store is written next to
     `out_path` and moved into place at the end, so a failed conversion leaves `out_path` untouched.
     """
     src = pathlib.Path(os.path.expanduser(str(hdf5_path))).absolute()
@@ -163,7 +164,7 @@ def convert_robomimic(hdf5_path, out_path, *, obs_keys: list[str] | None = None,
         provenance = {"source": "robomimic", "file": str(src), "env_args": env_args,
                       "filter_keys": filter_keys, "filter_key": filter_key, "demos": demos}
         with built_aside(out, overwrite) as tmp:
-            store = TrajectoryStore.create(tmp, schema, fps=fps, task=str(task), provenance=provenance)
+            store = TrajectoryStore.create(tmp, schema, fps=fps, task=str(task), provenance=provenance, image_codec=image_codec)
             for demo in demos:
                 g = f["data"][demo]
                 episode = {}

@@ -49,9 +49,11 @@ def generate_demos(
     n_envs: int = 1,
     max_attempts: int | None = None,
     task_options: dict[str, Any] | None = None,
+    image_codec: str | None = None,
 ) -> TrajectoryStore:
     """Write (or continue writing) the store; an existing complete store with the same target is
-    returned as it is, one with another target is refused (unless `overwrite`)."""
+    returned as it is, one with another target is refused (unless `overwrite`). `image_codec`
+    (e.g. "jpeg:95") stores the cameras as images per frame in a new store."""
     from il_policies.rollout import EVAL_SEED_START, ExpertActor, run_rollouts
 
     if isinstance(n_episodes, bool) or not isinstance(n_episodes, int) or n_episodes < 1:
@@ -73,7 +75,7 @@ def generate_demos(
             return store
         tqdm.write(f"{path}: incomplete ({store.n_episodes} of {n_episodes} episodes), continuing the generation")
     else:
-        store = TrajectoryStore.create(path, task.keys, fps=task.fps, task=task.name, overwrite=overwrite,
+        store = TrajectoryStore.create(path, task.keys, fps=task.fps, task=task.name, overwrite=overwrite, image_codec=image_codec,
                                        provenance={**target, "complete": False, "seeds_tried": 0, "expert_successes": 0})
     kept = store.n_episodes
     seeds_kept = store.episode_seeds
