@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import pickle
 
 import numpy as np
@@ -122,6 +124,26 @@ def test_a_pickled_lazy_array_carries_no_arrays_and_reopens_the_store(chunked_st
     clone = pickle.loads(blob)
     assert clone.data["image"].cache.bytes == 0
     assert_same_batch(clone.__getitems__([5, 40, 77]), lazy.__getitems__([5, 40, 77]))
+
+
+_INHERITED = {}
+
+
+def _read_in_forked_child():
+    array = _INHERITED["array"]
+    rows = array[np.arange(40, 60)]  # chunks the parent has not cached: the child reads the store
+    return array._pid == os.getpid(), array._store is not _INHERITED["parent_store"], rows
+
+
+def test_a_forked_worker_opens_the_store_itself(chunked_store):
+    """A forked loader worker must not use its parent's open store: a remote one's HTTP session does not survive a fork."""
+    array = datasets(chunked_store)[1].data["image"]
+    array[np.arange(10)]  # the parent opens the store
+    _INHERITED.update(array=array, parent_store=array._store)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        own_pid, reopened, rows = pool.apply(_read_in_forked_child)
+    assert own_pid and reopened
+    np.testing.assert_array_equal(rows, array[np.arange(40, 60)])
 
 
 def test_a_corrupt_chunk_read_lazily_names_the_store_key_and_episode(tmp_path):

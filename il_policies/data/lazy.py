@@ -9,12 +9,14 @@ serves every window that falls in it while it stays in the cache; the chunk-alig
 (`il_policies.training.distributed.GlobalBatchOrder` with blocks) is what makes that happen often.
 
 Pickling a `LazyArray` (DataLoader workers under spawn, or a pickled dataset) carries the store's
-path and key, never arrays or open handles: each process opens the store itself on first use and
-fills its own cache.
+path and key, never arrays or open handles, and a forked worker does not use its parent's handle
+either (a remote store's HTTP session does not survive a fork): each process opens the store itself
+on first use and fills its own cache.
 """
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 
 import numpy as np
@@ -61,6 +63,7 @@ class LazyArray:
 
     def __init__(self, store, key: str, cache: ChunkCache):
         self._store, self._path, self.key, self.cache = store, store.path, key, cache
+        self._pid = os.getpid()  # the process the open store belongs to
         self.shape = (store.n_steps, *store.keys[key].shape)
         self.dtype = np.dtype(store.keys[key].dtype)
         self.chunk_rows = store.chunk_rows(key)
@@ -81,10 +84,10 @@ class LazyArray:
 
     @property
     def store(self):
-        if self._store is None:  # unpickled in another process: open the store here
+        if self._store is None or self._pid != os.getpid():  # unpickled or forked: open the store in this process
             from il_policies.data.store import TrajectoryStore
 
-            self._store = TrajectoryStore.open(self._path)
+            self._store, self._pid = TrajectoryStore.open(self._path), os.getpid()
         return self._store
 
     def __getitem__(self, index) -> np.ndarray:
