@@ -31,7 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import torch
 from synthetic_frames import episode, keys
