@@ -173,3 +173,18 @@ def test_training_from_lazy_reads_equals_training_in_memory(chunked_store, tmp_p
     assert lazy.dataset.lazy_keys == ["image"] and memory.dataset.lazy_keys == []
     for key, value in memory.policy.state_dict().items():
         torch.testing.assert_close(lazy.policy.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_a_lazy_run_interrupted_and_resumed_equals_an_uninterrupted_in_memory_run(chunked_store, tmp_path, monkeypatch):
+    from tests.test_training import run_until_interrupted
+
+    common = ["policy=bc", "policy.hidden_dims=[32]", "policy.dropout=0.1", f"task.dataset_path={chunked_store}",
+              "training.steps=16", "training.batch_size=8", "data.batch_order=chunked", "data.chunks_per_shuffle=2", "eval.n_episodes=0"]
+    straight = Workspace(make_cfg([*common, "data.in_memory=true"]), tmp_path / "straight")
+    straight.run()
+    lazy = [*common, "data.in_memory=false", "data.cache_mb=0.01"]
+    run_until_interrupted(lazy, tmp_path / "lazy", 9, monkeypatch)  # mid-epoch: the order resumes inside it
+    resumed = Workspace(make_cfg(lazy), tmp_path / "lazy")
+    assert resumed.run()["step"] == 16
+    for key, value in straight.policy.state_dict().items():
+        torch.testing.assert_close(resumed.policy.state_dict()[key], value, rtol=0, atol=0, msg=key)
