@@ -61,7 +61,9 @@ class LatentBCConfig(PolicyConfig):
     hidden_dim: int = 256  # the filter's GRU and the dynamics MLP
     latent_dim: int = 32
     skip_context: bool = True  # the decoder sees a context frame's feature maps (False: p(o_t | z_t) alone)
-    change_mask: bool = False  # o_t = o_c + sigmoid(m) * change: a per-pixel gate on the decoder's change (skip_context only)
+    # o_t = o_c + sigmoid(m) * change, a per-pixel gate on the decoder's change (skip_context only): ahead of
+    # copying the last frame at every horizon, where the ungated change falls behind at one step (README)
+    change_mask: bool = True
     scale: str = "softplus"
     head_hidden_dims: tuple[int, ...] = (256, 256)
     loss_weights: dict = field(default_factory=lambda: dict.fromkeys(TERMS, 1.0))
