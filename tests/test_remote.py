@@ -81,7 +81,7 @@ def test_a_store_written_to_s3_reads_back_validates_and_inspects(stores, s3):
     assert url in out.stdout and "episodes:    4" in out.stdout
     with pytest.raises(StoreError, match="already exists"):
         TrajectoryStore.create(url, source.keys, fps=10.0, task="t")
-    with pytest.raises(StoreError, match="no zarr group"):
+    with pytest.raises(StoreError, match="the URL is not a zarr group"):
         TrajectoryStore.open(f"s3://{BUCKET}/nothing.zarr")
 
 

@@ -60,36 +60,26 @@ def built_aside(out, overwrite: bool = False) -> Iterator[pathlib.Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def open_remote_group(url: str, mode: str, zarr_format: int | None = None):
-    """A zarr group at a URL through fsspec (mode "w-" creates one, refusing an existing group)."""
+def open_group(path, mode: str, zarr_format: int | None = None):
+    """A local path or a URL as a zarr group (mode "w-" creates one, refusing an existing group)."""
+    remote = is_url(path)
+    if not remote:
+        path = pathlib.Path(path)
+        if not path.exists():
+            raise StoreError(f"trajectory store {path}: the path does not exist.")
+        if not path.is_dir():
+            raise StoreError(f"trajectory store {path}: the path is a file, so not a zarr group.")
+    place = "the URL" if remote else "the path"
     try:
-        return zarr.open_group(url, mode=mode, use_consolidated=False, zarr_format=zarr_format)
+        return zarr.open_group(str(path), mode=mode, use_consolidated=False, zarr_format=zarr_format)
     except ImportError as e:
-        raise StoreError(f"trajectory store {url}: reading {url.split('://')[0]}:// URLs needs {e.name or 'its fsspec filesystem'} "
+        raise StoreError(f"trajectory store {path}: reading {str(path).split('://')[0]}:// URLs needs {e.name or 'its fsspec filesystem'} "
                          f"installed (s3fs for s3://, gcsfs for gs://).") from None
     except (zarr.errors.ContainsGroupError, FileExistsError):
-        raise StoreError(f"trajectory store {url}: a store already exists there (pass overwrite=True / --overwrite to replace it).") from None
+        raise StoreError(f"trajectory store {path}: a store already exists there (pass overwrite=True / --overwrite to replace it).") from None
     except zarr.errors.ContainsArrayError:
-        raise StoreError(f"trajectory store {url}: the URL holds a zarr array, not a zarr group.") from None
+        raise StoreError(f"trajectory store {path}: {place} holds a zarr array, not a zarr group.") from None
     except FileNotFoundError:  # GroupNotFoundError subclasses it
-        raise StoreError(f"trajectory store {url}: no zarr group is stored at this URL.") from None
-    except Exception as e:
-        raise StoreError(f"trajectory store {url}: cannot open it as a zarr group ({exc_text(e)}).") from None
-
-
-def open_group(path, mode: str):
-    if is_url(path):
-        return open_remote_group(path, mode)
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise StoreError(f"trajectory store {path}: the path does not exist.")
-    if not path.is_dir():
-        raise StoreError(f"trajectory store {path}: the path is a file, so not a zarr group.")
-    try:
-        return zarr.open_group(str(path), mode=mode, use_consolidated=False)
-    except zarr.errors.ContainsArrayError:
-        raise StoreError(f"trajectory store {path}: the path is a zarr array, not a zarr group.") from None
-    except FileNotFoundError:  # GroupNotFoundError subclasses it
-        raise StoreError(f"trajectory store {path}: the path is not a zarr group.") from None
+        raise StoreError(f"trajectory store {path}: {place} is not a zarr group.") from None
     except Exception as e:
         raise StoreError(f"trajectory store {path}: cannot open it as a zarr group ({exc_text(e)}).") from None

@@ -35,7 +35,7 @@ from zarr.core.sync import sync
 
 from il_policies.data.codecs import ImageCodec, parse_image_codec
 from il_policies.data.layout import META_CHUNK, describe_layout, key_layout, rows_per_file
-from il_policies.data.paths import built_aside, check_output_path, is_url, open_group, open_remote_group, store_location
+from il_policies.data.paths import built_aside, check_output_path, is_url, open_group, store_location
 from il_policies.data.schema import (FORMAT_VERSION, KINDS, KeySpec, StoreError, check_new_schema, conform_episode,
                                     exc_text, first_nonfinite_row, infer_schema, parse_schema)
 
@@ -82,7 +82,7 @@ class TrajectoryStore:
         try:
             # a local store appears whole or not at all
             with contextlib.nullcontext(path) if remote else built_aside(path, overwrite) as building:
-                group = (open_remote_group(path, "w" if overwrite else "w-", zarr_format=3) if remote
+                group = (open_group(path, "w" if overwrite else "w-", zarr_format=3) if remote
                          else zarr.open_group(str(building), mode="w-", zarr_format=3))
                 data, meta = group.create_group("data"), group.create_group("meta")
                 for name, spec in keys.items():
