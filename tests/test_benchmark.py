@@ -161,10 +161,13 @@ def test_the_world_model_benchmark_composes_into_its_grid():
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="benchmark", overrides=["benchmark=world_model"])
     cells = plan_cells(cfg.benchmark)
-    assert [c.policy for c in cells] == ["latent_bc", "kl_constant", "kl_cyclical", "teacher_forcing_1", "teacher_forcing_0", "no_context_skips"]
+    assert [c.policy for c in cells] == ["latent_bc", "kl_constant", "kl_cyclical", "teacher_forcing_1", "teacher_forcing_0",
+                                         "no_context_skips", "change_mask"]
     assert {c.policy_config or c.policy for c in cells} == {"latent_bc"} and cfg.out == "outputs/benchmark/world_model"
-    for cell in cells:  # every variant's overrides compose into a valid latent_bc config
-        make_config(make_cfg([f"policy={cell.policy_config or cell.policy}", *cell.policy_overrides]).policy)
+    for cell in cells:  # every variant's overrides, after the benchmark's, compose into a valid latent_bc config
+        policy_overrides = [o for o in cfg.benchmark.overrides if o.startswith("policy.")]
+        config = make_config(make_cfg([f"policy={cell.policy_config or cell.policy}", *policy_overrides, *cell.policy_overrides]).policy)
+        assert config.change_mask == (cell.policy == "change_mask")  # the variants vary the ungated decoder they ran with
 
 
 def test_the_slurm_launcher_configuration_composes():
