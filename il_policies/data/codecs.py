@@ -99,9 +99,7 @@ def parse_image_codec(text: str | None) -> ImageCodec | None:
     if text is None or str(text).lower() in ("blosc", "none", "null", ""):
         return None
     fmt, _, level = str(text).lower().partition(":")
-    if fmt in LOSSLESS_ONLY and level in ("", "lossless"):
-        return ImageCodec(fmt, None)
-    if level == "lossless":
+    if level == "lossless" or (level == "" and fmt in LOSSLESS_ONLY):
         return ImageCodec(fmt, None)
     if not level.isdigit():
         raise ValueError(f"image codec {text!r}: write format:quality (1-100) or format:lossless, formats {', '.join(FORMATS)}")

@@ -16,9 +16,13 @@ MAX_LOW_DIM_CHUNK_ROWS = 4096
 META_CHUNK = 4096
 
 
+def row_bytes(spec: KeySpec) -> int:
+    """Decoded bytes of one step of a key."""
+    return math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
+
+
 def chunk_rows(spec: KeySpec) -> int:
-    row_bytes = max(1, math.prod(spec.shape) * np.dtype(spec.dtype).itemsize)
-    rows = max(1, CHUNK_TARGET_BYTES // row_bytes)
+    rows = max(1, CHUNK_TARGET_BYTES // max(1, row_bytes(spec)))
     return rows if spec.kind == "rgb" else min(rows, MAX_LOW_DIM_CHUNK_ROWS)
 
 
@@ -32,9 +36,14 @@ def key_layout(spec: KeySpec, image_codec: ImageCodec | None) -> dict:
     return {"chunks": (rows, *spec.shape), "compressors": BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)}
 
 
+def file_shape(arr) -> tuple[int, ...]:
+    """The shape of one stored object: a shard's, or a chunk's where the array has no shards."""
+    return tuple(getattr(arr, "shards", None) or arr.chunks)
+
+
 def rows_per_file(arr) -> int:
-    """Steps per stored object along axis 0: a shard's, or a chunk's where the array has no shards."""
-    return int((getattr(arr, "shards", None) or arr.chunks)[0])
+    """Steps per stored object along axis 0."""
+    return int(file_shape(arr)[0])
 
 
 def describe_layout(arr) -> str:

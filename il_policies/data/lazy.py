@@ -52,10 +52,6 @@ class ChunkCache:
             self.bytes -= dropped.nbytes
         return chunk
 
-    def clear(self) -> None:
-        self._chunks.clear()
-        self.bytes = 0
-
 
 class LazyArray:
     """One key of a `TrajectoryStore`, read chunk by chunk (see the module docstring). Supports

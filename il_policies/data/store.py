@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import pathlib
 from typing import Iterator
 
@@ -34,7 +33,7 @@ from zarr.codecs import BloscCodec
 from zarr.core.sync import sync
 
 from il_policies.data.codecs import ImageCodec, parse_image_codec
-from il_policies.data.layout import META_CHUNK, describe_layout, key_layout, rows_per_file
+from il_policies.data.layout import META_CHUNK, describe_layout, file_shape, key_layout, row_bytes, rows_per_file
 from il_policies.data.paths import built_aside, check_output_path, is_url, open_group, store_location
 from il_policies.data.schema import (FORMAT_VERSION, KINDS, KeySpec, StoreError, check_new_schema, conform_episode,
                                     exc_text, first_nonfinite_row, infer_schema, parse_schema)
@@ -275,7 +274,7 @@ class TrajectoryStore:
 
     def nbytes(self, keys) -> int:
         """Decoded bytes of the given keys over all committed steps."""
-        return sum(self.n_steps * math.prod(self.keys[k].shape) * np.dtype(self.keys[k].dtype).itemsize for k in keys)
+        return sum(self.n_steps * row_bytes(self.keys[k]) for k in keys)
 
     def _check_key(self, key: str) -> None:
         if key not in self.keys:
@@ -312,7 +311,7 @@ class TrajectoryStore:
             arr = self._arrays[key]
             c = rows_per_file(arr)
             # chunks (shards) of our own v3 stores are all written, so a missing one was lost (it would read as zeros)
-            if not self.schema_inferred and self.zarr_format == 3 and tuple((arr.shards or arr.chunks)[1:]) == tuple(arr.shape[1:]):
+            if not self.schema_inferred and self.zarr_format == 3 and file_shape(arr)[1:] == tuple(arr.shape[1:]):
                 for i in range(-(-self.n_steps // c)):
                     ckey = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
                     if not sync(self._group.store.exists(f"data/{key}/{ckey}")):
