@@ -13,9 +13,11 @@ generator does, two processes drawing the frames and this one appending them.
 2. what training consumes: the windows per second of a default BC training step at the same batch
    (2 torch threads), measured in the same run;
 3. the peak memory (train.py's RSS, and its process tree's PSS) of a BC training run on the store
-   (`data.in_memory=auto`, which reads it lazily: it is larger than the 4 GiB budget);
-4. object storage: the same loader over the store's first `--s3-frames` frames copied to a local
-   S3-compatible server (moto, started here on loopback) and on local disk, and their ratio.
+   (`data.in_memory=auto`, which reads it lazily: it is larger than the 4 GiB budget), with 0 and
+   2 loader workers;
+4. object storage: the same loader (0 and 2 workers) over the store's first `--s3-frames` frames
+   copied to a local S3-compatible server (moto, started here on loopback) and on local disk, and
+   their ratios.
 Prints a table, the CPU model and the fp32 matmul peak measured in the same run.
 """
 
@@ -25,6 +27,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -74,7 +77,7 @@ def make(out: Path, frames: int, size: int, codec: str | None) -> None:
 
 def loader_rate(path, workers: int, batches: int, batch: int = 64) -> float:
     """Windows per second the lazy loader delivers in the chunk-aligned order (after 5 warm-up batches)."""
-    dataset = SequenceDataset.from_store(path, in_memory=False, cache_mb=512, **bc_window())
+    dataset = SequenceDataset.from_store(path, in_memory=False, cache_mb=256, **bc_window())
     order = GlobalBatchOrder(len(dataset), batch, seed=0, blocks=dataset.sample_blocks(), blocks_per_shuffle=16)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=order.iter_from(0), collate_fn=collate_batch, num_workers=workers,
                                          persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
@@ -106,14 +109,14 @@ def training_rate(size: int, batch: int = 64) -> float:
     return batch / median_seconds(step, repeats=10, warmup=3)
 
 
-def peak_training_memory(path, steps: int, out: Path) -> tuple[float, float, float]:
+def peak_training_memory(path, steps: int, workers: int, out: Path) -> tuple[float, float, float]:
     """Peak memory (GB) of train.py sampled every 0.2 s: its own RSS, and its process tree's (with its
     loader workers) proportional set size, which counts the pages they share (torch's libraries,
     the forked parent's memory) once, where summed RSS would count them in every process; and the
     run's wall time."""
     command = [sys.executable, "train.py", "policy=bc", "task=dataset", f"task.dataset_path={path}", f"training.steps={steps}",
                "training.batch_size=64", "training.num_threads=2", "training.val_every=100000", "eval.n_episodes=0",
-               "data.val_ratio=0.01", "data.batch_order=chunked", "data.num_workers=2", "logger.mode=disabled",
+               "data.val_ratio=0.01", "data.batch_order=chunked", f"data.num_workers={workers}", "logger.mode=disabled",
                f"hydra.run.dir={out}"]
     start, peak_rss, peak_pss = time.perf_counter(), 0, 0
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -130,8 +133,9 @@ def peak_training_memory(path, steps: int, out: Path) -> tuple[float, float, flo
     return peak_rss / 1e9, peak_pss / 1e9, time.perf_counter() - start
 
 
-def s3_rates(store: Path, frames: int, workers: int, batches: int, scratch: Path) -> tuple[float, float]:
-    """Lazy-loader rate from local disk and from moto's S3 server on loopback, on the same sub-store."""
+def s3_rates(store: Path, frames: int, batches: int, scratch: Path) -> dict[str, float]:
+    """Lazy-loader rates from local disk and from moto's S3 server on loopback, on the same sub-store,
+    with 0 and 2 loader workers."""
     source = TrajectoryStore.open(store)
     local = scratch / "s3_subset.zarr"
     subset = TrajectoryStore.create(local, source.keys, fps=source.fps, task=source.task, overwrite=True)
@@ -156,7 +160,13 @@ def s3_rates(store: Path, frames: int, workers: int, batches: int, scratch: Path
         fs = s3fs.S3FileSystem()
         fs.mkdir("bench")
         fs.put(str(local), "bench/subset.zarr", recursive=True)
-        return loader_rate(local, workers, batches), loader_rate("s3://bench/subset.zarr", workers, batches)
+        rates = {}
+        for workers in (0, 2):
+            rates[f"subset_local_windows_per_s_{workers}_workers"] = round(loader_rate(local, workers, batches), 1)
+            rates[f"subset_s3_windows_per_s_{workers}_workers"] = round(loader_rate("s3://bench/subset.zarr", workers, batches), 1)
+            rates[f"s3_over_local_{workers}_workers"] = round(rates[f"subset_s3_windows_per_s_{workers}_workers"]
+                                                              / rates[f"subset_local_windows_per_s_{workers}_workers"], 2)
+        return rates
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -175,12 +185,14 @@ def measure(args) -> None:
         result[f"lazy_windows_per_s_{workers}_workers"] = round(loader_rate(args.store, workers, args.batches), 1)
     best = max(result["lazy_windows_per_s_0_workers"], result["lazy_windows_per_s_2_workers"])
     result["lazy_over_training"] = round(best / result["bc_step_windows_per_s"], 2)
-    rss, pss, wall = peak_training_memory(args.store, args.train_steps, Path(args.scratch) / "train_run")
-    result |= {"train_steps": args.train_steps, "train_peak_rss_gb": round(rss, 2), "train_tree_peak_pss_gb": round(pss, 2),
-               "train_wall_s": round(wall, 1)}
-    local, remote = s3_rates(Path(args.store), args.s3_frames, 2, args.batches, Path(args.scratch))
-    result |= {"s3_frames": args.s3_frames, "subset_local_windows_per_s": round(local, 1), "subset_s3_windows_per_s": round(remote, 1),
-               "s3_over_local": round(remote / local, 2)}
+    result["train_steps"] = args.train_steps
+    for workers in (0, 2):
+        run_dir = Path(args.scratch) / f"train_run_{workers}_workers"
+        shutil.rmtree(run_dir, ignore_errors=True)  # a run left there would resume instead of training
+        rss, pss, wall = peak_training_memory(args.store, args.train_steps, workers, run_dir)
+        result |= {f"train_peak_rss_gb_{workers}_workers": round(rss, 2), f"train_tree_peak_pss_gb_{workers}_workers": round(pss, 2),
+                   f"train_wall_s_{workers}_workers": round(wall, 1)}
+    result |= {"s3_frames": args.s3_frames, **s3_rates(Path(args.store), args.s3_frames, args.batches, Path(args.scratch))}
     print(json.dumps(result, indent=1))
 
 

@@ -66,3 +66,27 @@ def test_precision_with_large_offsets():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="'zscore' for key 'state'"):
         Normalizer(META, {"state": "zscore"})
+
+
+@pytest.mark.parametrize("per_pixel", [False, True])
+def test_image_statistics_are_exact_whatever_the_slice_size(monkeypatch, per_pixel):
+    from il_policies.data import normalizer as module
+
+    image = np.random.default_rng(3).integers(0, 256, size=(300, 6, 5, 3), dtype=np.uint8)
+    image[:, 0, 0, 1] = 200  # a constant pixel keeps scale 1 per pixel
+    fits = []
+    for slice_bytes in (1, 4 * 6 * 5 * 3 * 7, 1 << 30):  # one frame, 7 frames, all frames per slice
+        monkeypatch.setattr(module, "_FIT_IMAGE_BYTES", slice_bytes)
+        normalizer = Normalizer(META, per_pixel=per_pixel)
+        normalizer.fit({"state": np.zeros((300, 4), np.float32), "image": image, "action": np.zeros((300, 2), np.float32)})
+        fits.append(normalizer.affine("image"))
+    chw = np.moveaxis(image.astype(np.float64) / 255.0, -1, 1)
+    axes = (0,) if per_pixel else (0, 2, 3)
+    mean, std = chw.mean(axis=axes, keepdims=True)[0], chw.std(axis=axes, keepdims=True)[0]
+    std = np.where(std < 1e-6, 1.0, std)
+    for center, scale in fits:
+        np.testing.assert_allclose(center.numpy(), mean, rtol=1e-6)
+        np.testing.assert_allclose(scale.numpy(), std, rtol=1e-6)
+        assert torch.equal(center, fits[0][0]) and torch.equal(scale, fits[0][1])
+    if per_pixel:
+        assert fits[0][1][1, 0, 0] == 1.0

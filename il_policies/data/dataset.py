@@ -132,7 +132,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         return spec
 
     @classmethod
-    def from_store(cls, path, *, in_memory: bool | str = True, memory_budget_mb: float = 4096, cache_mb: float = 512,
+    def from_store(cls, path, *, in_memory: bool | str = True, memory_budget_mb: float = 4096, cache_mb: float = 256,
                    **kwargs) -> "SequenceDataset":
         """Open a ``TrajectoryStore`` at ``path`` with only the keys in use: all in memory
         (``in_memory=True``), the cameras read lazily through a chunk cache of ``cache_mb``

@@ -1,12 +1,14 @@
 """Reading a store's arrays chunk by chunk, for datasets larger than memory.
 
 `LazyArray` stands in for one key's whole array (all episodes' steps along axis 0): indexing it with
-integer arrays, as `SequenceDataset` gathers its windows, decodes only the chunks those rows live in,
-through the store's validated read path (a corrupt chunk or a NaN raises the store's one-sentence
-`StoreError` naming the key and the episode), and keeps the decoded chunks in a `ChunkCache`, a
-least-recently-used cache bounded in bytes that the keys of one dataset share. A chunk once decoded
-serves every window that falls in it while it stays in the cache; the chunk-aligned batch order
-(`il_policies.training.distributed.GlobalBatchOrder` with blocks) is what makes that happen often.
+integer arrays, as `SequenceDataset` gathers its windows, decodes only the chunks those rows live in
+(those not cached read together by a few threads, so a remote store's round trips overlap each
+other and the decoding) through the store's validated read path (a corrupt chunk or a NaN raises
+the store's one-sentence `StoreError` naming the key and the episode), and keeps the decoded chunks
+in a `ChunkCache`, a least-recently-used cache bounded in bytes that the keys of one dataset share.
+A chunk once decoded serves every window that falls in it while it stays in the cache; the
+chunk-aligned batch order (`il_policies.training.distributed.GlobalBatchOrder` with blocks) is what
+makes that happen often.
 
 Pickling a `LazyArray` (DataLoader workers under spawn, or a pickled dataset) carries the store's
 path and key, never arrays or open handles, and a forked worker does not use its parent's handle
@@ -18,15 +20,18 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 __all__ = ["ChunkCache", "LazyArray", "LazyRows"]
 
+READ_THREADS = 8  # chunks of one gather read at once
+
 
 class ChunkCache:
     """Decoded chunks keyed by (key, chunk index), least recently used dropped first once their
-    bytes pass `budget_bytes` (the chunk being read always stays)."""
+    bytes pass `budget_bytes`."""
 
     def __init__(self, budget_bytes: int):
         if budget_bytes < 0:
@@ -36,21 +41,27 @@ class ChunkCache:
         self.bytes = 0
         self.hits = self.misses = 0
 
-    def get(self, key: str, index: int, load) -> np.ndarray:
-        entry = (key, index)
-        chunk = self._chunks.get(entry)
-        if chunk is not None:
-            self._chunks.move_to_end(entry)
-            self.hits += 1
-            return chunk
-        self.misses += 1
-        chunk = load()
-        self._chunks[entry] = chunk
-        self.bytes += chunk.nbytes
-        while self.bytes > self.budget_bytes and len(self._chunks) > 1:
-            _, dropped = self._chunks.popitem(last=False)
-            self.bytes -= dropped.nbytes
-        return chunk
+    def get_many(self, key: str, indices, load_many) -> dict[int, np.ndarray]:
+        """The chunks `indices` of `key`: cached ones from the cache, the others through one call
+        `load_many(missing_indices) -> [chunk, ...]`, then cached (the result holds them all
+        whatever the cache drops)."""
+        found, missing = {}, []
+        for index in map(int, indices):
+            chunk = self._chunks.get((key, index))
+            if chunk is None:
+                missing.append(index)
+            else:
+                self._chunks.move_to_end((key, index))
+                found[index] = chunk
+        self.hits += len(found)
+        self.misses += len(missing)
+        for index, chunk in zip(missing, load_many(missing) if missing else []):
+            found[index] = self._chunks[(key, index)] = chunk
+            self.bytes += chunk.nbytes
+            while self.bytes > self.budget_bytes and self._chunks:
+                _, dropped = self._chunks.popitem(last=False)
+                self.bytes -= dropped.nbytes
+        return found
 
 
 class LazyArray:
@@ -71,12 +82,13 @@ class LazyArray:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def _chunk(self, index: int) -> np.ndarray:
-        def load():
-            lo = index * self.chunk_rows
-            return self.store.read_rows(self.key, lo, min(lo + self.chunk_rows, self.shape[0]))
-
-        return self.cache.get(self.key, index, load)
+    def _read_chunks(self, indices: list[int]) -> list[np.ndarray]:
+        store = self.store  # opened here, not by each thread
+        ranges = [(i * self.chunk_rows, min((i + 1) * self.chunk_rows, len(self))) for i in indices]
+        if len(ranges) < 2:
+            return [store.read_rows(self.key, *r) for r in ranges]
+        with ThreadPoolExecutor(min(len(ranges), READ_THREADS)) as pool:
+            return list(pool.map(lambda r: store.read_rows(self.key, *r), ranges))
 
     @property
     def store(self):
@@ -97,11 +109,18 @@ class LazyArray:
         if flat.size and (flat.min() < 0 or flat.max() >= len(self)):
             raise IndexError(f"row indices out of range for key {self.key!r} of {len(self)} steps")
         out = np.empty((flat.size, *self.shape[1:]), dtype=self.dtype)
-        chunks = flat // self.chunk_rows
-        for index in np.unique(chunks):
-            where = np.flatnonzero(chunks == index)
-            out[where] = self._chunk(int(index))[flat[where] - index * self.chunk_rows]
+        of_row = flat // self.chunk_rows
+        chunks = self.cache.get_many(self.key, np.unique(of_row), self._read_chunks)
+        for index, chunk in chunks.items():
+            where = np.flatnonzero(of_row == index)
+            out[where] = chunk[flat[where] - index * self.chunk_rows]
         return out.reshape(*rows.shape, *self.shape[1:])
+
+    def with_cache(self, cache: ChunkCache) -> LazyArray:
+        """The same key, through the same open store, with another cache."""
+        twin = object.__new__(LazyArray)
+        twin.__dict__.update(self.__dict__, cache=cache)
+        return twin
 
     def __getstate__(self):
         return {**self.__dict__, "_store": None, "cache": ChunkCache(self.cache.budget_bytes)}
@@ -112,10 +131,12 @@ class LazyArray:
 
 class LazyRows:
     """Chosen rows of a `LazyArray` (e.g. the training episodes' steps) as an array-like that is
-    read slice by slice: what the normalizer streams its statistics from."""
+    read slice by slice: what the normalizer streams its statistics from. A pass in order reads each
+    chunk once, so it reads through a cache of its own that holds only the chunk being read, and
+    leaves the dataset's cache (and the memory it may take) to the training windows."""
 
     def __init__(self, array: LazyArray, rows: np.ndarray):
-        self.array, self.rows = array, np.asarray(rows, dtype=np.int64)
+        self.array, self.rows = array.with_cache(ChunkCache(0)), np.asarray(rows, dtype=np.int64)
         self.shape, self.dtype = (len(self.rows), *array.shape[1:]), array.dtype
 
     def __len__(self) -> int:

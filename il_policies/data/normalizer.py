@@ -31,7 +31,8 @@ MODES = ("gaussian", "minmax", "identity", "imagenet")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _MIN_SCALE = 1e-6
-_FIT_CHUNK = 1024
+_FIT_CHUNK = 1024  # rows of a low-dim key per float64 slice
+_FIT_IMAGE_BYTES = 8 << 20  # bound on an image slice's uint32 copy
 
 
 def _buffer_name(key: str) -> str:
@@ -117,17 +118,13 @@ class Normalizer(nn.Module):
 
 
 def _fit_stats(x: np.ndarray, kind: str, mode: str, per_pixel: bool) -> tuple[np.ndarray, np.ndarray]:
-    # Accumulated in chunks: a float64 copy of a whole image dataset would not fit in memory.
+    if kind == "rgb":
+        return _fit_image_stats(x, mode, per_pixel)
+    # Accumulated in chunks: a float64 copy of a whole dataset need not fit in memory.
     # Moments are taken around the first chunk's mean to avoid cancellation in E[x^2] - E[x]^2.
     count, total, total_sq, low, high, shift = 0, 0.0, 0.0, None, None, None
     for start in range(0, len(x), _FIT_CHUNK):
-        chunk = x[start : start + _FIT_CHUNK]
-        if kind == "rgb":
-            # Stored HWC uint8; the networks see CHW in [0, 1].
-            pattern = "n h w c -> n c h w" if per_pixel else "n h w c -> (n h w) c"
-            chunk = rearrange(chunk, pattern).astype(np.float64) / 255.0
-        else:
-            chunk = chunk.astype(np.float64)
+        chunk = x[start : start + _FIT_CHUNK].astype(np.float64)
         if shift is None:
             shift = chunk.mean(axis=0)
         count += len(chunk)
@@ -137,12 +134,47 @@ def _fit_stats(x: np.ndarray, kind: str, mode: str, per_pixel: bool) -> tuple[np
         high = chunk.max(axis=0) if high is None else np.maximum(high, chunk.max(axis=0))
     if count == 0:
         raise ValueError("cannot fit the normalizer on an empty dataset")
+    if mode == "gaussian":
+        mean_shifted = total / count
+        return _finish(mode, shift + mean_shifted, np.sqrt(np.maximum(total_sq / count - np.square(mean_shifted), 0.0)), low, high)
+    return _finish(mode, None, None, low, high)
+
+
+def _fit_image_stats(x, mode: str, per_pixel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Images as stored (uint8 NHWC) have exact integer sums and sums of squares, so the moments
+    need no shift and no float accumulation. Each pixel's are summed over frames (a reduction along
+    the contiguous frame axis, the fast one), frames `_FIT_IMAGE_BYTES` at a time (as uint32), so
+    a camera stream of any length fits in a few MB; per-channel statistics add up the pixels'."""
+    pixels = int(np.prod(x.shape[1:]))
+    frames = max(1, _FIT_IMAGE_BYTES // (4 * pixels))
+    total = total_sq = np.zeros(pixels, np.uint64)
+    low, high = np.full(pixels, 255, np.uint8), np.zeros(pixels, np.uint8)
+    for start in range(0, len(x), frames):
+        flat = np.asarray(x[start : start + frames]).reshape(-1, pixels)
+        wide = flat.astype(np.uint32)
+        total = total + wide.sum(axis=0, dtype=np.uint64)
+        total_sq = total_sq + np.multiply(wide, wide, out=wide).sum(axis=0, dtype=np.uint64)
+        low, high = np.minimum(low, flat.min(axis=0)), np.maximum(high, flat.max(axis=0))
+    if len(x) == 0:
+        raise ValueError("cannot fit the normalizer on an empty dataset")
+    count = len(x)
+    total, total_sq, low, high = (a.reshape(x.shape[1:]) for a in (total, total_sq, low, high))
+    if not per_pixel:
+        count *= pixels // x.shape[-1]
+        total, total_sq = total.sum(axis=(0, 1)), total_sq.sum(axis=(0, 1))
+        low, high = low.min(axis=(0, 1)), high.max(axis=(0, 1))
+    mean = total / count
+    variance = np.maximum(total_sq / count - np.square(mean), 0.0)
+    # Stored HWC in 0..255; the networks see CHW in [0, 1].
+    to_chw = (lambda a: rearrange(a, "h w c -> c h w")) if per_pixel else (lambda a: a)
+    return _finish(mode, to_chw(mean / 255.0), to_chw(np.sqrt(variance) / 255.0), to_chw(low / 255.0), to_chw(high / 255.0))
+
+
+def _finish(mode: str, mean, std, low, high) -> tuple[np.ndarray, np.ndarray]:
     if mode == "identity":
         center, scale = np.zeros_like(low), np.ones_like(low)
     elif mode == "gaussian":
-        mean_shifted = total / count
-        center = shift + mean_shifted
-        scale = np.sqrt(np.maximum(total_sq / count - np.square(mean_shifted), 0.0))
+        center, scale = mean, std
     else:
         center, scale = (high + low) / 2.0, (high - low) / 2.0
     scale = np.where(scale < _MIN_SCALE, 1.0, scale)

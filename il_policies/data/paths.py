@@ -20,6 +20,11 @@ from il_policies.data.schema import StoreError, exc_text
 __all__ = ["built_aside", "check_output_path", "is_url", "open_group", "store_location"]
 
 
+# s3fs reads an object with max_concurrency > 1 by asking its size first (a HEAD), to split one larger
+# than its block size into ranged GETs; a store's objects are ~2 MB, so that is a wasted round trip each.
+_STORAGE_OPTIONS = {"s3": {"max_concurrency": 1}}
+
+
 def is_url(path) -> bool:
     return isinstance(path, str) and "://" in path
 
@@ -71,7 +76,8 @@ def open_group(path, mode: str, zarr_format: int | None = None):
             raise StoreError(f"trajectory store {path}: the path is a file, so not a zarr group.")
     place = "the URL" if remote else "the path"
     try:
-        return zarr.open_group(str(path), mode=mode, use_consolidated=False, zarr_format=zarr_format)
+        return zarr.open_group(str(path), mode=mode, use_consolidated=False, zarr_format=zarr_format,
+                               storage_options=_STORAGE_OPTIONS.get(str(path).split("://")[0]) if remote else None)
     except ImportError as e:
         raise StoreError(f"trajectory store {path}: reading {str(path).split('://')[0]}:// URLs needs {e.name or 'its fsspec filesystem'} "
                          f"installed (s3fs for s3://, gcsfs for gs://).") from None

@@ -29,7 +29,7 @@ class DataConfig:
     # (true), or in memory when the keys in use fit memory_budget_mb decoded (auto). Same batches either way.
     in_memory: str = "auto"
     memory_budget_mb: float = 4096
-    cache_mb: float = 512  # lazy reads: the decoded-chunk cache of each loading process
+    cache_mb: float = 256  # lazy reads: the decoded-chunk cache of each loading process
     # random: a seeded permutation of every window each epoch; chunked: the same, visiting the store's
     # chunks in a random order and shuffling within runs of chunks_per_shuffle (cheap lazy reads).
     batch_order: str = "random"
