@@ -26,7 +26,7 @@ import numpy as np
 
 __all__ = ["ChunkCache", "LazyArray", "LazyRows"]
 
-READ_THREADS = 8  # chunks of one gather read at once
+READ_THREADS = 8  # chunks read at once (and held at once beyond the cache) by a gather
 
 
 class ChunkCache:
@@ -110,10 +110,11 @@ class LazyArray:
             raise IndexError(f"row indices out of range for key {self.key!r} of {len(self)} steps")
         out = np.empty((flat.size, *self.shape[1:]), dtype=self.dtype)
         of_row = flat // self.chunk_rows
-        chunks = self.cache.get_many(self.key, np.unique(of_row), self._read_chunks)
-        for index, chunk in chunks.items():
-            where = np.flatnonzero(of_row == index)
-            out[where] = chunk[flat[where] - index * self.chunk_rows]
+        needed = np.unique(of_row)
+        for start in range(0, len(needed), READ_THREADS):  # a few chunks at a time: bounded beyond the cache
+            for index, chunk in self.cache.get_many(self.key, needed[start : start + READ_THREADS], self._read_chunks).items():
+                where = np.flatnonzero(of_row == index)
+                out[where] = chunk[flat[where] - index * self.chunk_rows]
         return out.reshape(*rows.shape, *self.shape[1:])
 
     def with_cache(self, cache: ChunkCache) -> LazyArray:
