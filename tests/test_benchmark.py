@@ -135,7 +135,8 @@ WRITEUP = ["bc_conv_vae", "vae_nn", "bvae", "bvae_per_pixel", "bvae_original"]
     ("bvae_writeup_ablations", 50, [*WRITEUP, "bvae_without_action_supervised", "bvae_without_obs_supervised",
                                     "bvae_without_obs_recon", "bvae_without_action_recon", "bvae_wide"], [8]),
     ("bvae_writeup_data", 45, ["bc_conv_vae", "vae_nn", "bvae"], [8, 16, 32]),  # its null entries leave two variants out
-    ("bvae_writeup_latent", 24, ["bc_conv_vae", "bvae", "latent_bc", "latent_bc_bc_only"], [8, None]),
+    ("bvae_writeup_latent", 36, ["bc_conv_vae", "bvae", "latent_bc", "latent_bc_bc_only", "bc_conv_vae_chunks",
+                                 "bc_conv_vae_history_chunks"], [8, None]),
 ])
 def test_the_writeup_benchmarks_compose_into_their_grids(name, n_cells, policies, episodes):
     from hydra import compose, initialize_config_dir
