@@ -145,6 +145,8 @@ def _fit_image_stats(x, mode: str, per_pixel: bool) -> tuple[np.ndarray, np.ndar
     need no shift and no float accumulation. Each pixel's are summed over frames (a reduction along
     the contiguous frame axis, the fast one), frames `_FIT_IMAGE_BYTES` at a time (as uint32), so
     a camera stream of any length fits in a few MB; per-channel statistics add up the pixels'."""
+    if len(x) == 0:
+        raise ValueError("cannot fit the normalizer on an empty dataset")
     pixels = int(np.prod(x.shape[1:]))
     frames = max(1, _FIT_IMAGE_BYTES // (4 * pixels))
     total = total_sq = np.zeros(pixels, np.uint64)
@@ -155,8 +157,6 @@ def _fit_image_stats(x, mode: str, per_pixel: bool) -> tuple[np.ndarray, np.ndar
         total = total + wide.sum(axis=0, dtype=np.uint64)
         total_sq = total_sq + np.multiply(wide, wide, out=wide).sum(axis=0, dtype=np.uint64)
         low, high = np.minimum(low, flat.min(axis=0)), np.maximum(high, flat.max(axis=0))
-    if len(x) == 0:
-        raise ValueError("cannot fit the normalizer on an empty dataset")
     count = len(x)
     total, total_sq, low, high = (a.reshape(x.shape[1:]) for a in (total, total_sq, low, high))
     if not per_pixel:

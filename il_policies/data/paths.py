@@ -75,11 +75,12 @@ def open_group(path, mode: str, zarr_format: int | None = None):
         if not path.is_dir():
             raise StoreError(f"trajectory store {path}: the path is a file, so not a zarr group.")
     place = "the URL" if remote else "the path"
+    scheme = str(path).split("://")[0] if remote else None
     try:
         return zarr.open_group(str(path), mode=mode, use_consolidated=False, zarr_format=zarr_format,
-                               storage_options=_STORAGE_OPTIONS.get(str(path).split("://")[0]) if remote else None)
+                               storage_options=_STORAGE_OPTIONS.get(scheme))
     except ImportError as e:
-        raise StoreError(f"trajectory store {path}: reading {str(path).split('://')[0]}:// URLs needs {e.name or 'its fsspec filesystem'} "
+        raise StoreError(f"trajectory store {path}: reading {scheme}:// URLs needs {e.name or 'its fsspec filesystem'} "
                          f"installed (s3fs for s3://, gcsfs for gs://).") from None
     except (zarr.errors.ContainsGroupError, FileExistsError):
         raise StoreError(f"trajectory store {path}: a store already exists there (pass overwrite=True / --overwrite to replace it).") from None
